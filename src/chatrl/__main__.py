@@ -1,0 +1,3 @@
+from chatrl.cli import main
+
+main()

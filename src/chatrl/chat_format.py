@@ -1,0 +1,142 @@
+"""Chat template rendering, assistant-only loss masks (end-of-turn included), and packing.
+
+One rule for every template: the assistant's part of turn ``i`` is the text that rendering
+``messages[: i + 1]`` adds to rendering ``messages[:i]`` with the generation prompt. That part
+ends with the template's end-of-turn marker (``<|im_end|>`` in ChatML), so the loss covers it
+and a trained model learns to stop — the token other toolkits' masks drop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chatrl.data import Message
+from chatrl.errors import UserError
+
+IGNORE_INDEX = -100
+END_OF_TURN = "<|im_end|>"
+
+# ChatML, the template of the models chatrl builds. ``{% generation %}`` marks assistant text
+# for transformers' own ``return_assistant_tokens_mask``, so other tools see the same mask.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def render(tokenizer, messages: list[Message], add_generation_prompt: bool = False) -> str:
+    """The conversation as text, in the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            "the tokenizer has no chat template; use a chat model or one made by `chatrl init-model`"
+        )
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def encode_prompt(tokenizer, messages: list[Message]) -> list[int]:
+    """Token ids of a conversation followed by the assistant's generation prompt."""
+    text = render(tokenizer, messages, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: the end-of-turn marker and EOS, where present."""
+    ids = set()
+    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if isinstance(eot, int) and eot != tokenizer.unk_token_id:
+        ids.add(eot)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def assistant_spans(tokenizer, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendered text and the character spans of every assistant turn in it."""
+    full = render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = render(tokenizer, messages[: i + 1])
+        if not (through.startswith(before) and full.startswith(through)):
+            raise UserError(
+                "the chat template renders earlier turns differently as the conversation grows; "
+                "chatrl cannot locate assistant turns for the loss mask"
+            )
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+@dataclass
+class Encoded:
+    """One tokenised conversation: ids and labels (IGNORE_INDEX outside assistant turns)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_conversation(tokenizer, messages: list[Message], max_length: int) -> Encoded:
+    """Tokenise a conversation; only assistant tokens (end-of-turn included) carry labels.
+
+    Conversations longer than ``max_length`` are cut at the end.
+    """
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, labels = enc["input_ids"], []
+    for token_id, (start, _end) in zip(ids, enc["offset_mapping"], strict=True):
+        inside = any(a <= start < b for a, b in spans)
+        labels.append(token_id if inside else IGNORE_INDEX)
+    return Encoded(ids[:max_length], labels[:max_length])
+
+
+def encode_text(tokenizer, text: str, max_length: int) -> list[Encoded]:
+    """Pretraining text: an EOS-terminated document split into rows of at most max_length."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return [Encoded(ids[i : i + max_length], ids[i : i + max_length]) for i in range(0, len(ids), max_length)]
+
+
+@dataclass
+class Row:
+    """A training row: one example, or several packed ones with their own position ids."""
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+
+
+def pack(examples: list[Encoded], max_length: int) -> list[Row]:
+    """Greedily pack examples into rows of up to ``max_length`` tokens (first-fit, in order).
+
+    Position ids restart at 0 for each example; transformers' flash/sdpa paths read restarts
+    as sequence boundaries (``position_ids``-based packing), so attention does not cross
+    examples. Labels at each example's first token are ignored, so no loss spans a boundary.
+    """
+    rows: list[Row] = []
+    current = Row([], [], [])
+    for ex in examples:
+        if current.input_ids and len(current.input_ids) + len(ex.input_ids) > max_length:
+            rows.append(current)
+            current = Row([], [], [])
+        current.input_ids += ex.input_ids
+        current.labels += [IGNORE_INDEX] + ex.labels[1:]
+        current.position_ids += list(range(len(ex.input_ids)))
+    if current.input_ids:
+        rows.append(current)
+    return rows
+
+
+def unpacked(examples: list[Encoded]) -> list[Row]:
+    """One row per example."""
+    return [Row(ex.input_ids, ex.labels, list(range(len(ex.input_ids)))) for ex in examples]

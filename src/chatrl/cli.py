@@ -1,0 +1,127 @@
+"""The ``chatrl`` command: one thin subcommand per stage. Parses, validates, calls the stage."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from chatrl.errors import UserError
+
+app = typer.Typer(
+    help=(
+        "chatrl builds ChatGPT-style assistants with the InstructGPT recipe: "
+        "SFT on dialogues, ranking sampled responses, a reward model, and PPO against it.\n\n"
+        "Every stage reads and writes plain files (JSONL data, Hugging Face model directories), "
+        "so each command can run alone. Start with `chatrl demo` to see the whole pipeline."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+# Commands that take any stage setting as --key value (see chatrl.config).
+STAGE_SETTINGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="TOML file with this stage's settings.")
+]
+
+
+def _stage_help(summary: str, cls) -> str:
+    from chatrl.config import describe
+
+    return f"{summary}\n\nSettings (also in --config FILE.toml):\n\n{describe(cls)}"
+
+
+@app.command("init-model")
+def init_model_cmd(
+    data: Annotated[Path, typer.Option(help="Text to train the tokenizer on (.txt or JSONL).")],
+    out: Annotated[Path, typer.Option(help="Directory to write the model and tokenizer to.")],
+    preset: Annotated[str, typer.Option(help="Size: micro (~1M), tiny (~3M), small (~10M), bench (10.5M).")] = "tiny",
+    vocab_size: Annotated[int | None, typer.Option(help="Tokenizer vocabulary (default: the preset's).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
+) -> None:
+    """Create a new, randomly initialised Llama-style model and train its BPE tokenizer.
+
+    The result is a Hugging Face model directory: `AutoModelForCausalLM.from_pretrained(OUT)`
+    loads it. Pretrain it with `chatrl pretrain`, then fine-tune with `chatrl sft`.
+    """
+    from chatrl.data import load_text
+    from chatrl.models import count_parameters, init_model, load_causal_lm
+
+    init_model(preset, load_text(data), out, seed=seed, vocab_size=vocab_size)
+    model, _ = load_causal_lm(out)
+    typer.echo(f"{preset} model, {count_parameters(model) / 1e6:.2f} M parameters -> {out}")
+
+
+def _lm_command(ctx: typer.Context, config: Path | None, section: str, kind: str) -> None:
+    from chatrl.config import LMConfig, load_stage, parse_overrides
+    from chatrl.train.lm import train_lm
+
+    cfg = load_stage(LMConfig, config, section, parse_overrides(ctx.args))
+    out = train_lm(cfg, kind)
+    typer.echo(f"model -> {out}")
+
+
+def _lm_help(summary: str) -> str:
+    from chatrl.config import LMConfig
+
+    return _stage_help(summary, LMConfig)
+
+
+@app.command(
+    "pretrain",
+    context_settings=STAGE_SETTINGS,
+    help=_lm_help(
+        "Pretrain a causal LM on plain text (next-token loss on every token).\n\n"
+        "Example: chatrl pretrain --model base/ --data text.txt --out pretrained/"
+    ),
+)
+def pretrain_cmd(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    _lm_command(ctx, config, "pretrain", "pretrain")
+
+
+@app.command(
+    "sft",
+    context_settings=STAGE_SETTINGS,
+    help=_lm_help(
+        "Supervised fine-tuning on conversations (stage 1). The loss covers assistant turns "
+        "only, end-of-turn token included, so the model learns to answer and to stop.\n\n"
+        'Data: JSONL, one {"messages": [{"role": ..., "content": ...}, ...]} per line.\n\n'
+        "Example: chatrl sft --model pretrained/ --data sft.jsonl --out sft/"
+    ),
+)
+def sft_cmd(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    _lm_command(ctx, config, "sft", "sft")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Stage settings: pydantic models, TOML loading and ``--key value`` overrides, clear errors.
+
+Each stage's settings are one pydantic model with ``extra="forbid"``, so an unknown or
+mistyped key is an error that names it. Keys follow TRL's names where the meaning is the
+same (``learning_rate``, ``per_device_train_batch_size``, ``gradient_accumulation_steps``…).
+Every key can come from a TOML file (``--config FILE.toml``, a ``[section]`` per stage) and be
+overridden on the command line as ``--key value`` (``--flag`` / ``--no-flag`` for booleans).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from chatrl.errors import UserError
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's settings: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LMConfig(StageConfig):
+    """Settings of the language-model trainer (``chatrl pretrain`` and ``chatrl sft``)."""
+
+    model: str = Field(description="model directory (or hub id) to start from")
+    data: str = Field(description="training data: JSONL conversations (sft) or text (pretrain)")
+    out: str = Field(description="output directory for the trained model")
+    eval_data: str | None = Field(None, description="held-out data for the periodic eval loss")
+    seed: int = Field(0, description="random seed (data order, init, dropout)")
+    max_length: int = Field(256, gt=0, description="tokens per row; longer examples are cut")
+    per_device_train_batch_size: int = Field(16, gt=0, description="rows per step per process")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per update")
+    learning_rate: float = Field(1e-3, gt=0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.05, ge=0, le=1, description="share of steps for linear warm-up")
+    num_train_epochs: float = Field(1.0, gt=0, description="passes over the data")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many updates")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    bf16: bool = Field(True, description="bf16 autocast (CPU with AVX-512 bf16, or GPU)")
+    packing: bool = Field(False, description="pack short examples into full rows")
+    use_peft: bool = Field(False, description="train LoRA adapters instead of all weights")
+    lora_r: int = Field(16, gt=0, description="LoRA rank")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    logging_steps: int = Field(10, gt=0, description="log metrics every N updates")
+    eval_steps: int = Field(0, ge=0, description="eval loss every N updates (0: at the end only)")
+    save_steps: int = Field(200, gt=0, description="checkpoint every N updates")
+    resume: bool = Field(False, description="continue from the last checkpoint in --out")
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def build(cls: type[StageConfig], values: dict[str, Any], source: str) -> StageConfig:
+    """Validate ``values`` into ``cls``; errors name the source and the key."""
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            key = _format_loc(err["loc"]) or "(config)"
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown key '{key}'")
+            elif err["type"] == "missing":
+                problems.append(f"missing required key '{key}'")
+            else:
+                problems.append(f"'{key}': {err['msg']}")
+        raise UserError(f"{source}: " + "; ".join(problems)) from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file; errors name the file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: config file not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: invalid TOML: {e}") from None
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``--key value`` / ``--flag`` / ``--no-flag`` command-line words as a dict."""
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if not word.startswith("--"):
+            raise UserError(f"unexpected argument {word!r}; options look like --key value")
+        key = word[2:].replace("-", "_")
+        if "=" in key:
+            key, value = key.split("=", 1)
+            values[key] = value
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            values[key] = args[i + 1]
+            i += 2
+        else:
+            negated = key.startswith("no_")
+            values[key[3:] if negated else key] = not negated
+            i += 1
+    return values
+
+
+def load_stage(
+    cls: type[StageConfig],
+    config_file: str | Path | None,
+    section: str | None,
+    overrides: dict[str, Any],
+) -> StageConfig:
+    """Settings from an optional TOML file (its ``[section]`` if given), then overrides."""
+    values: dict[str, Any] = {}
+    source = "command line"
+    if config_file is not None:
+        table = read_toml(config_file)
+        if section is not None:
+            table = table.get(section, {})
+            if not isinstance(table, dict):
+                raise UserError(f"{config_file}: [{section}] must be a table")
+        values.update(table)
+        source = f"{config_file}" + (f" [{section}]" if section else "")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return build(cls, values, source)
+
+
+def describe(cls: type[StageConfig]) -> str:
+    """One line per key (flag, default, description), for ``--help``."""
+    lines = []
+    for name, field in cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = "required" if field.is_required() else f"default {field.default!r}"
+        lines.append(f"{flag}  ({default})  {field.description or ''}")
+    return "\n\n".join(lines)

@@ -1,0 +1,154 @@
+"""One way to make and load models: tokenizer training, size presets, policy/reward loading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from chatrl.chat_format import CHATML_TEMPLATE, END_OF_TURN
+from chatrl.errors import UserError
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", END_OF_TURN]
+
+# Llama-architecture size presets (parameter counts with the preset's default vocabulary).
+PRESETS: dict[str, dict[str, int]] = {
+    # ~1.2 M: unit tests.
+    "micro": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, vocab_size=1024),
+    # ~3 M: fast experiments, the quick SFT sample.
+    "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, vocab_size=2048),
+    # ~10 M: the demo.
+    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4, vocab_size=2048),
+    # 10.49 M: the benchmark model (REFERENCE.md), vocabulary 8192.
+    "bench": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4, vocab_size=8192),
+}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts``: digits one per token, ChatML specials."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", END_OF_TURN],
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def llama_config(preset: str, tokenizer, max_position_embeddings: int = 512) -> LlamaConfig:
+    """The LlamaConfig of a size preset, sized to the tokenizer's vocabulary."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    shape = {k: v for k, v in PRESETS[preset].items() if k != "vocab_size"}
+    return LlamaConfig(
+        **shape,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def init_model(
+    preset: str, texts: list[str], out: str | Path, seed: int = 0, vocab_size: int | None = None,
+    max_position_embeddings: int = 512,
+) -> Path:
+    """Train a tokenizer on ``texts``, build a randomly initialised Llama model, save both."""
+    tokenizer = train_tokenizer(texts, vocab_size or PRESETS.get(preset, {}).get("vocab_size", 2048))
+    config = llama_config(preset, tokenizer, max_position_embeddings)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    out = Path(out)
+    save_model(model, tokenizer, out)
+    return out
+
+
+def save_model(model, tokenizer, out: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """Save an HF model directory (merging LoRA adapters first) with its tokenizer.
+
+    ``extra`` keys are stored in ``chatrl.json`` beside the config (e.g. reward normalisation).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if extra:
+        from chatrl.data import write_json
+
+        write_json(out / "chatrl.json", extra)
+
+
+def model_info(path: str | Path) -> dict[str, Any]:
+    """What chatrl stored beside a model (``chatrl.json``), or an empty dict."""
+    p = Path(path) / "chatrl.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _check_dir(path: str | Path) -> None:
+    p = Path(path)
+    if not p.exists() and ("/" in str(path) or str(path).startswith(".")):
+        raise UserError(f"{path}: model directory not found")
+    if p.exists() and not (p / "config.json").exists():
+        raise UserError(f"{path}: not a model directory (no config.json)")
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a model directory or hub id, with a pad token guaranteed."""
+    _check_dir(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A causal LM and its tokenizer."""
+    _check_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model, load_tokenizer(path)
+
+
+def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A one-output sequence-classification model (reward or value) and its tokenizer.
+
+    A causal-LM checkpoint gets a fresh scalar head (that is how a reward model starts from
+    the SFT model).
+    """
+    _check_dir(path)
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
