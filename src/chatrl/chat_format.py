@@ -104,7 +104,10 @@ def encode_text(tokenizer, text: str, max_length: int) -> list[Encoded]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
-    return [Encoded(ids[i : i + max_length], ids[i : i + max_length]) for i in range(0, len(ids), max_length)]
+    return [
+        Encoded(ids[i : i + max_length], ids[i : i + max_length])
+        for i in range(0, len(ids), max_length)
+    ]
 
 
 @dataclass

@@ -42,8 +42,12 @@ def _stage_help(summary: str, cls) -> str:
 def init_model_cmd(
     data: Annotated[Path, typer.Option(help="Text to train the tokenizer on (.txt or JSONL).")],
     out: Annotated[Path, typer.Option(help="Directory to write the model and tokenizer to.")],
-    preset: Annotated[str, typer.Option(help="Size: micro (~1M), tiny (~3M), small (~10M), bench (10.5M).")] = "tiny",
-    vocab_size: Annotated[int | None, typer.Option(help="Tokenizer vocabulary (default: the preset's).")] = None,
+    preset: Annotated[
+        str, typer.Option(help="Size: micro (~1M), tiny (~3M), small (~10M), bench (10.5M).")
+    ] = "tiny",
+    vocab_size: Annotated[
+        int | None, typer.Option(help="Tokenizer vocabulary (default: the preset's).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 0,
 ) -> None:
     """Create a new, randomly initialised Llama-style model and train its BPE tokenizer.
@@ -102,6 +106,9 @@ def sft_cmd(ctx: typer.Context, config: ConfigOpt = None) -> None:
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         app(standalone_mode=False)
     except UserError as e:

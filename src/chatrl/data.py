@@ -211,8 +211,12 @@ def parse_hh_transcript(text: str, where: str) -> list[Message]:
         elif rest.startswith(HH_ASSISTANT):
             role, rest = "assistant", rest[len(HH_ASSISTANT) :]
         else:
-            raise UserError(f"{where}: HH transcript must alternate '\\n\\nHuman:' and '\\n\\nAssistant:'")
-        cut = min((i for i in (rest.find(HH_HUMAN), rest.find(HH_ASSISTANT)) if i >= 0), default=len(rest))
+            raise UserError(
+                f"{where}: HH transcript must alternate '\\n\\nHuman:' and '\\n\\nAssistant:'"
+            )
+        cut = min(
+            (i for i in (rest.find(HH_HUMAN), rest.find(HH_ASSISTANT)) if i >= 0), default=len(rest)
+        )
         messages.append({"role": role, "content": rest[:cut].strip()})
         rest = rest[cut:]
     return messages
@@ -254,10 +258,14 @@ def _preference_to_ranking(record: dict[str, Any], where: str) -> Ranking:
     prompt_msgs = chosen_msgs[:shared]
     chosen_tail, rejected_tail = chosen_msgs[shared:], rejected_msgs[shared:]
     if not prompt_msgs or prompt_msgs[-1]["role"] != "user":
-        raise UserError(f"{where}: chosen and rejected must share a prompt that ends in a user turn")
+        raise UserError(
+            f"{where}: chosen and rejected must share a prompt that ends in a user turn"
+        )
     for name, tail in (("chosen", chosen_tail), ("rejected", rejected_tail)):
         if len(tail) != 1 or tail[0]["role"] != "assistant":
-            raise UserError(f"{where}: {name} must end in exactly one assistant turn after the prompt")
+            raise UserError(
+                f"{where}: {name} must end in exactly one assistant turn after the prompt"
+            )
     if chosen_tail[0]["content"] == rejected_tail[0]["content"]:
         raise UserError(f"{where}: chosen and rejected are the same response")
     return Ranking(prompt_msgs, [chosen_tail[0]["content"], rejected_tail[0]["content"]], [0, 1])
@@ -309,7 +317,14 @@ def load_tasks(path: str | Path) -> list[Task]:
         prompt = validate_messages(record.get("prompt"), where, "prompt")
         responses = _check_responses(record.get("responses"), where)
         task_id = record.get("id")
-        tasks.append(Task(prompt, responses, None if task_id is None else str(task_id), record.get("meta") or {}))
+        tasks.append(
+            Task(
+                prompt,
+                responses,
+                None if task_id is None else str(task_id),
+                record.get("meta") or {},
+            )
+        )
     return tasks
 
 

@@ -25,13 +25,37 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", END_OF_TURN]
 # Llama-architecture size presets (parameter counts with the preset's default vocabulary).
 PRESETS: dict[str, dict[str, int]] = {
     # ~1.2 M: unit tests.
-    "micro": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, vocab_size=1024),
+    "micro": dict(
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=1024,
+    ),
     # ~3 M: fast experiments, the quick SFT sample.
-    "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, vocab_size=2048),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        vocab_size=2048,
+    ),
     # ~10 M: the demo.
-    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4, vocab_size=2048),
+    "small": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        vocab_size=2048,
+    ),
     # 10.49 M: the benchmark model (REFERENCE.md), vocabulary 8192.
-    "bench": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4, vocab_size=8192),
+    "bench": dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        vocab_size=8192,
+    ),
 }
 
 
@@ -39,7 +63,10 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     """A byte-level BPE tokenizer trained on ``texts``: digits one per token, ChatML specials."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -77,11 +104,17 @@ def llama_config(preset: str, tokenizer, max_position_embeddings: int = 512) -> 
 
 
 def init_model(
-    preset: str, texts: list[str], out: str | Path, seed: int = 0, vocab_size: int | None = None,
+    preset: str,
+    texts: list[str],
+    out: str | Path,
+    seed: int = 0,
+    vocab_size: int | None = None,
     max_position_embeddings: int = 512,
 ) -> Path:
     """Train a tokenizer on ``texts``, build a randomly initialised Llama model, save both."""
-    tokenizer = train_tokenizer(texts, vocab_size or PRESETS.get(preset, {}).get("vocab_size", 2048))
+    tokenizer = train_tokenizer(
+        texts, vocab_size or PRESETS.get(preset, {}).get("vocab_size", 2048)
+    )
     config = llama_config(preset, tokenizer, max_position_embeddings)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

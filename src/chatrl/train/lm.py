@@ -1,0 +1,235 @@
+"""The language-model trainer: pretraining on text and SFT on conversations share it.
+
+SFT's loss covers assistant tokens only (end-of-turn included); pretraining's covers every token.
+The loss is summed over the global batch's target tokens and divided by their count, so the
+result does not depend on how the batch is split into micro-batches or processes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chatrl.chat_format import IGNORE_INDEX, Row, encode_conversation, encode_text, pack, unpacked
+from chatrl.config import LMConfig
+from chatrl.data import load_conversations, load_text, write_json
+from chatrl.errors import UserError
+from chatrl.models import load_causal_lm, save_model
+from chatrl.train.loop import (
+    CHECKPOINT_DIR,
+    MetricsLog,
+    TrainerState,
+    global_batches,
+    load_checkpoint,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    micro_batches,
+    progress_bar,
+    save_checkpoint,
+    seed_everything,
+    shard,
+)
+
+
+class CausalLMLoss(nn.Module):
+    """Summed next-token cross-entropy over labelled positions only.
+
+    The output head runs on the positions that have a target, not on every position: with
+    assistant-only labels most positions have none, and the head is a large share of a small
+    model's compute. Wrapping the model in this module (rather than calling its parts from the
+    loop) keeps DDP/FSDP hooks on the forward that actually runs.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids)
+        hidden = hidden.last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.model.get_output_embeddings()(hidden[keep]).float()
+        loss_sum = F.cross_entropy(logits, targets[keep], reduction="sum")
+        return loss_sum, keep.sum()
+
+
+def build_rows(cfg: LMConfig, tokenizer, kind: str, path: str) -> list[Row]:
+    """Tokenised training rows of a data file (packed when ``cfg.packing``)."""
+    if kind == "sft":
+        examples = [
+            encode_conversation(tokenizer, messages, cfg.max_length)
+            for messages in load_conversations(path)
+        ]
+    else:
+        examples = [
+            ex for text in load_text(path) for ex in encode_text(tokenizer, text, cfg.max_length)
+        ]
+    examples = [ex for ex in examples if any(label != IGNORE_INDEX for label in ex.labels[1:])]
+    if not examples:
+        raise UserError(
+            f"{path}: no example has a token to learn from within max_length={cfg.max_length}"
+        )
+    # Pretraining text is always packed: documents are short lines, and padding them would
+    # waste most of each row.
+    return (
+        pack(examples, cfg.max_length) if cfg.packing or kind == "pretrain" else unpacked(examples)
+    )
+
+
+def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows into tensors.
+
+    No attention mask: padding sits to the right of every real token, and attention is
+    causal, so real tokens never see it — and without a mask SDPA takes its fast causal path.
+    """
+    width = max(len(r.input_ids) for r in rows)
+
+    def padded(values: list[int], fill: int) -> list[int]:
+        return values + [fill] * (width - len(values))
+
+    return {
+        "input_ids": torch.tensor([padded(r.input_ids, pad_id) for r in rows]),
+        "labels": torch.tensor([padded(r.labels, IGNORE_INDEX) for r in rows]),
+        "position_ids": torch.tensor(
+            [r.position_ids + list(range(len(r.position_ids), width)) for r in rows]
+        ),
+    }
+
+
+def target_count(rows: list[Row]) -> int:
+    return sum(sum(1 for label in r.labels[1:] if label != IGNORE_INDEX) for r in rows)
+
+
+def add_lora(model, cfg: LMConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+@torch.no_grad()
+def eval_loss(
+    loss_module: CausalLMLoss, rows: list[Row], batch_size: int, pad_id: int, accelerator
+) -> float:
+    """Mean next-token loss over ``rows``."""
+    loss_module.eval()
+    total, count = 0.0, 0
+    for batch in micro_batches(list(range(len(rows))), batch_size):
+        tensors = collate([rows[i] for i in batch], pad_id)
+        with accelerator.autocast():
+            loss_sum, n = loss_module(**{k: v.to(accelerator.device) for k, v in tensors.items()})
+        total, count = total + loss_sum.item(), count + n.item()
+    loss_module.train()
+    return total / max(count, 1)
+
+
+def train_lm(cfg: LMConfig, kind: str) -> Path:
+    """Pretrain (``kind="pretrain"``) or fine-tune (``kind="sft"``) a causal LM; return --out."""
+    out = Path(cfg.out)
+    if (out / CHECKPOINT_DIR).exists() and not cfg.resume:
+        raise UserError(
+            f"{out} holds a checkpoint of an unfinished run; pass --resume to continue it, "
+            "or choose another --out"
+        )
+    accelerator = make_accelerator(cfg.bf16)
+    seed_everything(cfg.seed, accelerator.process_index)
+    model, tokenizer = load_causal_lm(cfg.model)
+    rows = build_rows(cfg, tokenizer, kind, cfg.data)
+    eval_rows = build_rows(cfg, tokenizer, kind, cfg.eval_data) if cfg.eval_data else []
+    if cfg.use_peft:
+        model = add_lora(model, cfg)
+
+    per_update = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    schedule = global_batches(
+        len(rows), per_update * accelerator.num_processes, cfg.seed, cfg.num_train_epochs
+    )
+    if cfg.max_steps is not None:
+        schedule = schedule[: cfg.max_steps]
+    loss_module = CausalLMLoss(model)
+    optimizer = make_optimizer(loss_module, cfg.learning_rate, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, len(schedule), cfg.warmup_ratio)
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
+    state = (load_checkpoint(accelerator, out) if cfg.resume else None) or TrainerState()
+    log.truncate_after(state.step)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "train_config.json", {"stage": kind, **cfg.model_dump()})
+
+    pad_id = tokenizer.pad_token_id
+    loss_module.train()
+    tokens_seen, started = 0, time.perf_counter()
+    with progress_bar(accelerator.is_main_process) as bar:
+        task = bar.add_task(kind, total=len(schedule), completed=state.step, info="")
+        for step in range(state.step, len(schedule)):
+            global_rows = [rows[i] for i in schedule[step]]
+            # Every process divides by the global target count; DDP averages gradients over
+            # processes, so scale back up by their number.
+            scale = accelerator.num_processes / max(target_count(global_rows), 1)
+            mine = shard(schedule[step], accelerator)
+            loss_total = 0.0
+            for micro in micro_batches(mine, cfg.per_device_train_batch_size):
+                tensors = collate([rows[i] for i in micro], pad_id)
+                tensors = {k: v.to(accelerator.device) for k, v in tensors.items()}
+                with accelerator.autocast():
+                    loss_sum, _ = loss_module(**tensors)
+                accelerator.backward(loss_sum * scale)
+                loss_total += loss_sum.item() * scale / accelerator.num_processes
+                tokens_seen += sum(len(rows[i].input_ids) for i in micro)
+            grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            elapsed = time.perf_counter() - started
+            tokens_per_s = tokens_seen * accelerator.num_processes / elapsed
+            bar.update(
+                task, completed=done, info=f"loss {loss_total:.3f}  {tokens_per_s:,.0f} tok/s"
+            )
+            if done % cfg.logging_steps == 0 or done == len(schedule):
+                log.log(
+                    done,
+                    loss=loss_total,
+                    grad_norm=float(grad_norm),
+                    learning_rate=scheduler.get_last_lr()[0],
+                    tokens_per_s=tokens_per_s,
+                )
+            if eval_rows and cfg.eval_steps and done % cfg.eval_steps == 0:
+                log.log(
+                    done,
+                    eval_loss=eval_loss(
+                        loss_module, eval_rows, cfg.per_device_train_batch_size, pad_id, accelerator
+                    ),
+                )
+            if done % cfg.save_steps == 0 and done < len(schedule):
+                save_checkpoint(accelerator, out, TrainerState(done), accelerator.num_processes)
+
+    if eval_rows:
+        log.log(
+            len(schedule),
+            eval_loss=eval_loss(
+                loss_module, eval_rows, cfg.per_device_train_batch_size, pad_id, accelerator
+            ),
+        )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(loss_module).model, tokenizer, out)
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return out
