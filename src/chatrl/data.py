@@ -42,6 +42,7 @@ class Ranking:
     ranking: list[int]
     annotator: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None  # "file:line" it was read from, for messages about it
 
     def pairs(self) -> list[tuple[int, int]]:
         """All K(K-1)/2 (better, worse) index pairs implied by the ranking."""
@@ -278,6 +279,7 @@ def load_rankings(path: str | Path) -> list[Ranking]:
         where = _where(path, line)
         if "chosen" in record or "rejected" in record:
             rankings.append(_preference_to_ranking(record, where))
+            rankings[-1].source = where
             continue
         prompt = validate_messages(record.get("prompt"), where, "prompt")
         if prompt[-1]["role"] != "user":
@@ -287,7 +289,8 @@ def load_rankings(path: str | Path) -> list[Ranking]:
         if len(set(responses)) < len(responses):
             raise UserError(f"{where}: responses must be distinct (two ranked responses are equal)")
         annotator = record.get("annotator")
-        rankings.append(Ranking(prompt, responses, ranking, annotator, record.get("meta") or {}))
+        meta = record.get("meta") or {}
+        rankings.append(Ranking(prompt, responses, ranking, annotator, meta, source=where))
     return rankings
 
 
