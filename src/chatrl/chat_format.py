@@ -35,7 +35,7 @@ def render(tokenizer, messages: list[Message], add_generation_prompt: bool = Fal
     """The conversation as text, in the tokenizer's chat template."""
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(
-            "the tokenizer has no chat template; use a chat model or one made by `chatrl init-model`"
+            "the tokenizer has no chat template; use a chat model or one from `chatrl init-model`"
         )
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt

@@ -159,7 +159,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
 
 
 def load_text(path: str | Path) -> list[str]:
-    """Pretraining text: a .txt file (one document per non-blank line) or JSONL ``{"text": ...}``."""
+    """Pretraining text: .txt (one document per non-blank line) or JSONL ``{"text": ...}``."""
     path = Path(path)
     if path.suffix == ".txt":
         if not path.exists():

@@ -7,7 +7,6 @@ result does not depend on how the batch is split into micro-batches or processes
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -21,16 +20,18 @@ from chatrl.data import load_conversations, load_text, write_json
 from chatrl.errors import UserError
 from chatrl.models import load_causal_lm, save_model
 from chatrl.train.loop import (
-    CHECKPOINT_DIR,
     MetricsLog,
     TrainerState,
+    add_lora,
     global_batches,
+    has_checkpoint,
     load_checkpoint,
     make_accelerator,
     make_optimizer,
     make_scheduler,
     micro_batches,
     progress_bar,
+    remove_checkpoint,
     save_checkpoint,
     seed_everything,
     shard,
@@ -107,19 +108,6 @@ def target_count(rows: list[Row]) -> int:
     return sum(sum(1 for label in r.labels[1:] if label != IGNORE_INDEX) for r in rows)
 
 
-def add_lora(model, cfg: LMConfig):
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
-
-
 @torch.no_grad()
 def eval_loss(
     loss_module: CausalLMLoss, rows: list[Row], batch_size: int, pad_id: int, accelerator
@@ -139,7 +127,7 @@ def eval_loss(
 def train_lm(cfg: LMConfig, kind: str) -> Path:
     """Pretrain (``kind="pretrain"``) or fine-tune (``kind="sft"``) a causal LM; return --out."""
     out = Path(cfg.out)
-    if (out / CHECKPOINT_DIR).exists() and not cfg.resume:
+    if has_checkpoint(out) and not cfg.resume:
         raise UserError(
             f"{out} holds a checkpoint of an unfinished run; pass --resume to continue it, "
             "or choose another --out"
@@ -230,6 +218,6 @@ def train_lm(cfg: LMConfig, kind: str) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(loss_module).model, tokenizer, out)
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        remove_checkpoint(out)
     accelerator.wait_for_everyone()
     return out

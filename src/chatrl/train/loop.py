@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -37,7 +38,13 @@ CHECKPOINT_DIR = "checkpoint"
 
 
 def make_accelerator(bf16: bool, gradient_accumulation_steps: int = 1) -> Accelerator:
-    """An Accelerator with bf16 autocast when asked (CPU or GPU)."""
+    """An Accelerator with bf16 autocast when asked (CPU or GPU).
+
+    Accelerate keeps its settings in a process-wide singleton; a later stage in the same
+    process (the pipeline, tests) may want another precision, so that part is reset. The
+    distributed part (PartialState) is kept.
+    """
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         mixed_precision="bf16" if bf16 else "no",
         gradient_accumulation_steps=gradient_accumulation_steps,
@@ -68,6 +75,23 @@ def make_scheduler(optimizer, total_steps: int, warmup_ratio: float):
     """Linear warm-up, then cosine decay to zero."""
     warmup = math.ceil(total_steps * warmup_ratio)
     return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+
+
+def add_lora(model, cfg, task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` in LoRA adapters on every linear layer (``cfg.lora_r/alpha/dropout``).
+
+    ``task_type="SEQ_CLS"`` also trains the new score head of a reward or value model.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear",
+        task_type=task_type,
+    )
+    return get_peft_model(model, lora)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -133,6 +157,7 @@ def save_checkpoint(
         meta = {"step": state.step, "extra": state.extra or {}, "world_size": world_size}
         (tmp / "trainer_state.json").write_text(json.dumps(meta))
         old = out / f".{CHECKPOINT_DIR}.old"
+        shutil.rmtree(old, ignore_errors=True)  # left by a kill during an earlier save
         if final.exists():
             final.rename(old)
         tmp.rename(final)
@@ -140,9 +165,25 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
+def has_checkpoint(out: Path) -> bool:
+    """Whether ``out`` holds a checkpoint of an unfinished run."""
+    return any(
+        (out / name / "trainer_state.json").exists()
+        for name in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old")
+    )
+
+
+def remove_checkpoint(out: Path) -> None:
+    """Delete the checkpoint once the run's final outputs are written."""
+    for name in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old", f".{CHECKPOINT_DIR}.tmp"):
+        shutil.rmtree(out / name, ignore_errors=True)
+
+
 def load_checkpoint(accelerator: Accelerator, out: Path) -> TrainerState | None:
     """Restore the last checkpoint in ``out``, or return None when there is none."""
     final = out / CHECKPOINT_DIR
+    if not (final / "trainer_state.json").exists():
+        final = out / f".{CHECKPOINT_DIR}.old"  # killed between save_checkpoint's two renames
     if not (final / "trainer_state.json").exists():
         return None
     meta = json.loads((final / "trainer_state.json").read_text())

@@ -1,0 +1,140 @@
+"""Shared fixtures: small models built locally (no downloads) and sample data."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+from servers import free_port
+
+from chatrl.models import init_model
+
+
+def arithmetic_lines(n: int, seed: int = 0) -> list[str]:
+    """Plain text with a learnable pattern, for tokenizers and pretraining."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        lines.append(f"What is {a} plus {b}? {a} plus {b} is {a + b}. The cat sat on the mat.")
+    return lines
+
+
+def write_sft(path: Path, n: int, seed: int = 0) -> Path:
+    """Conversations whose assistant turn follows a fixed pattern."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 4), rng.randint(0, 4)
+            messages = [
+                {"role": "user", "content": f"What is {a} + {b}?"},
+                {"role": "assistant", "content": f"The answer is {a + b}."},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text("\n".join(arithmetic_lines(400)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def micro_model(tmp_path_factory, sample_text) -> Path:
+    """A randomly initialised ~0.2 M-parameter Llama model with a locally trained tokenizer."""
+    from chatrl.data import load_text
+
+    out = tmp_path_factory.mktemp("models") / "micro"
+    return init_model("micro", load_text(sample_text), out, seed=0)
+
+
+def _postgres_bindir() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    initdb = found[-1] if found else shutil.which("initdb")
+    if initdb is None:
+        raise RuntimeError(
+            "PostgreSQL server binaries not found: apt-get install postgresql (.ci/run does)"
+        )
+    return Path(initdb).parent
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL cluster on 127.0.0.1; yields its admin URL (role chatrl)."""
+    bindir = _postgres_bindir()
+    # initdb and pg_ctl refuse to run as root; the data dir must be the postgres user's.
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    data = Path(tempfile.mkdtemp(prefix="chatrl-pg-"))
+    if as_postgres:
+        shutil.chown(data, "postgres")
+    port = free_port()
+
+    def run(*args: str) -> None:
+        subprocess.run([*as_postgres, *args], check=True, capture_output=True, cwd="/tmp")
+
+    run(
+        str(bindir / "initdb"),
+        "-D",
+        str(data),
+        "-U",
+        "postgres",
+        "--auth-local=trust",
+        "--auth-host=scram-sha-256",
+    )
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {data} -c fsync=off"
+    run(
+        str(bindir / "pg_ctl"),
+        "-D",
+        str(data),
+        "-l",
+        str(data / "log"),
+        "-w",
+        "-o",
+        options,
+        "start",
+    )
+    try:
+        run(
+            str(bindir / "psql"),
+            "-h",
+            str(data),
+            "-p",
+            str(port),
+            "-U",
+            "postgres",
+            "-c",
+            "CREATE ROLE chatrl LOGIN CREATEDB PASSWORD 'chatrl'",
+        )
+        yield f"postgresql+psycopg://chatrl:chatrl@127.0.0.1:{port}/postgres"
+    finally:
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_db(postgres_server) -> str:
+    """URL of a new, empty database on the throwaway PostgreSQL server."""
+    import psycopg
+
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    conninfo = postgres_server.replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return postgres_server.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path) -> str:
+    """An empty database: a SQLite file, then a PostgreSQL database (parametrized)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'test.db'}"
+    return request.getfixturevalue("postgres_db")

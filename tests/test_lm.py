@@ -1,0 +1,173 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import write_sft
+from safetensors.torch import load_file
+
+from chatrl.chat_format import encode_prompt, stop_token_ids
+from chatrl.config import LMConfig
+from chatrl.models import load_causal_lm
+from chatrl.train.lm import train_lm
+
+
+def chatrl(*args, check=False):
+    result = subprocess.run(
+        [sys.executable, "-m", "chatrl", *map(str, args)], capture_output=True, text=True
+    )
+    assert not check or result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.mark.slow
+def test_sft_model_answers_the_pattern_and_stops(micro_model, sample_text, tmp_path):
+    pre = train_lm(
+        LMConfig(
+            model=str(micro_model),
+            data=str(sample_text),
+            out=str(tmp_path / "pre"),
+            max_steps=60,
+            learning_rate=3e-3,
+        ),
+        "pretrain",
+    )
+    data = write_sft(tmp_path / "sft.jsonl", 400)
+    sft = train_lm(
+        LMConfig(
+            model=str(pre),
+            data=str(data),
+            out=str(tmp_path / "sft"),
+            num_train_epochs=4,
+            learning_rate=3e-3,
+        ),
+        "sft",
+    )
+    model, tok = load_causal_lm(sft)
+    ids = torch.tensor([encode_prompt(tok, [{"role": "user", "content": "What is 2 + 1?"}])])
+    out = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=stop_token_ids(tok))
+    reply = tok.decode(out[0, ids.shape[1] :])
+    assert reply.startswith("The answer is")
+    assert reply.endswith("<|im_end|>")  # it learned to stop
+    log = [json.loads(line) for line in (sft / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert json.loads((sft / "train_config.json").read_text())["stage"] == "sft"
+
+
+def test_gradient_accumulation_matches_a_full_batch(micro_model, tmp_path):
+    data = write_sft(tmp_path / "sft.jsonl", 32)
+    common = dict(
+        model=str(micro_model), data=str(data), max_steps=3, bf16=False, learning_rate=1e-3
+    )
+    full = train_lm(
+        LMConfig(**common, out=str(tmp_path / "a"), per_device_train_batch_size=8), "sft"
+    )
+    accum = train_lm(
+        LMConfig(
+            **common,
+            out=str(tmp_path / "b"),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=4,
+        ),
+        "sft",
+    )
+    a, b = load_file(full / "model.safetensors"), load_file(accum / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_resume_after_sigkill_ends_where_an_uninterrupted_run_does(micro_model, tmp_path):
+    data = write_sft(tmp_path / "sft.jsonl", 200)
+    args = ["sft", "--model", micro_model, "--data", data, "--max-steps", 40, "--save-steps", 5]
+    args += ["--per-device-train-batch-size", 4]
+    chatrl(*args, "--out", tmp_path / "straight", check=True)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatrl", *map(str, args), "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (out / "checkpoint" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"]
+    assert 0 < step < 40 and not (out / "model.safetensors").exists()
+
+    refused = chatrl(*args, "--out", out)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    chatrl(*args, "--out", out, "--resume", check=True)
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(out / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 40
+
+
+def test_config_file_and_flags(micro_model, tmp_path):
+    data = write_sft(tmp_path / "sft.jsonl", 8)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[sft]\nmodel = "{micro_model}"\ndata = "{data}"\nmax_steps = 1\nlearning_rate = 1e-4\n'
+    )
+    chatrl("sft", "--config", config, "--out", tmp_path / "o", "--max-length", 64, check=True)
+    saved = json.loads((tmp_path / "o" / "train_config.json").read_text())
+    assert saved["max_steps"] == 1 and saved["learning_rate"] == 1e-4 and saved["max_length"] == 64
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--learning-rat", "1e-3"], "unknown key 'learning_rat'"),
+        (["--max-steps", "many"], "'max_steps': Input should be a valid integer"),
+        ([], "missing required key 'data'"),
+    ],
+)
+def test_bad_settings_exit_2_with_one_line(micro_model, tmp_path, extra, message):
+    args = ["sft", "--model", micro_model, "--out", tmp_path / "o", *extra]
+    if "missing" not in message:
+        args += ["--data", write_sft(tmp_path / "d.jsonl", 4)]
+    result = chatrl(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_data_exit_2_and_nothing_written(micro_model, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}\n'
+    )
+    result = chatrl("sft", "--model", micro_model, "--data", data, "--out", tmp_path / "o")
+    assert result.returncode == 2
+    assert (
+        f"{data}:1: messages[1].role must be one of system, user, assistant"
+        in result.stderr.replace("\n", "")
+    )
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_lora_sft_saves_a_merged_plain_model(micro_model, tmp_path):
+    data = write_sft(tmp_path / "sft.jsonl", 16)
+    out = train_lm(
+        LMConfig(
+            model=str(micro_model),
+            data=str(data),
+            out=str(tmp_path / "lora"),
+            max_steps=2,
+            use_peft=True,
+        ),
+        "sft",
+    )
+    model, _ = load_causal_lm(out)
+    base, _ = load_causal_lm(micro_model)
+    assert not (out / "adapter_config.json").exists()
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in base.parameters())
