@@ -69,7 +69,8 @@ def _postgres_bindir() -> Path:
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    """A throwaway PostgreSQL cluster on 127.0.0.1; yields its admin URL (role chatrl)."""
+    """A throwaway PostgreSQL cluster on 127.0.0.1; yields a function that creates an empty
+    database on it and returns its SQLAlchemy URL."""
     bindir = _postgres_bindir()
     # initdb and pg_ctl refuse to run as root; the data dir must be the postgres user's.
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -78,58 +79,39 @@ def postgres_server():
         shutil.chown(data, "postgres")
     port = free_port()
 
-    def run(*args: str) -> None:
-        subprocess.run([*as_postgres, *args], check=True, capture_output=True, cwd="/tmp")
+    def run(command: str, *extra: str) -> None:
+        # Paths here hold no spaces: split the command line, append arguments that do.
+        args = [str(bindir / command.split()[0]), *command.split()[1:], *extra]
+        done = subprocess.run([*as_postgres, *args], capture_output=True, text=True, cwd="/tmp")
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(args)} failed:\n{done.stdout}{done.stderr}")
 
-    run(
-        str(bindir / "initdb"),
-        "-D",
-        str(data),
-        "-U",
-        "postgres",
-        "--auth-local=trust",
-        "--auth-host=scram-sha-256",
-    )
+    run(f"initdb -D {data} -U postgres --auth-local=trust --auth-host=scram-sha-256")
     options = f"-c listen_addresses=127.0.0.1 -p {port} -k {data} -c fsync=off"
-    run(
-        str(bindir / "pg_ctl"),
-        "-D",
-        str(data),
-        "-l",
-        str(data / "log"),
-        "-w",
-        "-o",
-        options,
-        "start",
-    )
+    run(f"pg_ctl -D {data} -l {data}/log -w start -o", options)
     try:
-        run(
-            str(bindir / "psql"),
-            "-h",
-            str(data),
-            "-p",
-            str(port),
-            "-U",
-            "postgres",
-            "-c",
-            "CREATE ROLE chatrl LOGIN CREATEDB PASSWORD 'chatrl'",
-        )
-        yield f"postgresql+psycopg://chatrl:chatrl@127.0.0.1:{port}/postgres"
+        role = "CREATE ROLE chatrl LOGIN CREATEDB PASSWORD 'chatrl'"
+        run(f"psql -h {data} -p {port} -U postgres -c", role)
+
+        def new_database() -> str:
+            import psycopg
+
+            name = f"test_{uuid.uuid4().hex[:12]}"
+            conninfo = f"postgresql://chatrl:chatrl@127.0.0.1:{port}/postgres"
+            with psycopg.connect(conninfo, autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{name}"')
+            return f"postgresql+psycopg://chatrl:chatrl@127.0.0.1:{port}/{name}"
+
+        yield new_database
     finally:
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        run(f"pg_ctl -D {data} -m immediate -w stop")
         shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture
 def postgres_db(postgres_server) -> str:
     """URL of a new, empty database on the throwaway PostgreSQL server."""
-    import psycopg
-
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    conninfo = postgres_server.replace("postgresql+psycopg", "postgresql")
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return postgres_server.rsplit("/", 1)[0] + f"/{name}"
+    return postgres_server()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

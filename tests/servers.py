@@ -1,0 +1,53 @@
+"""Run chatrl's servers as real subprocesses in tests."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    """Poll ``url`` until it answers; fail with the server's log if the process dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server not up after {timeout} s:\n{log.read_text()}")
+
+
+@contextmanager
+def chatrl_server(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen]:
+    """``python -m chatrl ARGS`` serving on 127.0.0.1:PORT, stopped on exit."""
+    with log.open("a") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "chatrl", *args], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/", process, log)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
