@@ -51,3 +51,14 @@ def chatrl_server(args: list[str], port: int, log: Path) -> Iterator[subprocess.
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextmanager
+def label_server(
+    db_url: str, tmp_path: Path, port: int | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``chatrl label serve`` on ``db_url``; yields its base URL and process."""
+    port = port or free_port()
+    args = ["label", "serve", "--db", db_url, "--port", str(port)]
+    with chatrl_server(args, port, tmp_path / "server.log") as process:
+        yield f"http://127.0.0.1:{port}", process

@@ -6,11 +6,10 @@ import json
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import pytest
-from servers import chatrl_server, free_port
+from servers import free_port, label_server
 
 from chatrl.data import Task
 from chatrl.label.store import LabelStore
@@ -25,14 +24,6 @@ def make_tasks(n: int, k: int = 3) -> list[Task]:
         )
         for i in range(n)
     ]
-
-
-@contextmanager
-def label_server(db_url: str, tmp_path, port: int | None = None):
-    port = port or free_port()
-    args = ["label", "serve", "--db", db_url, "--port", str(port)]
-    with chatrl_server(args, port, tmp_path / "server.log") as process:
-        yield f"http://127.0.0.1:{port}", process
 
 
 def auth(token: str) -> dict[str, str]:

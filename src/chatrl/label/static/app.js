@@ -107,6 +107,7 @@ function renderTask() {
     card.dataset.index = index;
     const head = element("div", "response-head");
     head.append(element("span", "number", `Response ${index + 1}`), element("span", "rank"));
+    const flags = element("div", "flags");
     for (const kind of FLAGS) {
       const label = element("label", "flag");
       const box = element("input");
@@ -114,9 +115,9 @@ function renderTask() {
       box.dataset.flag = kind;
       box.addEventListener("change", () => setFlag(kind, index, box.checked));
       label.append(box, ` ${kind}`);
-      head.append(label);
+      flags.append(label);
     }
-    card.append(head, element("div", "text", text));
+    card.append(head, flags, element("div", "text", text));
     cards.append(card);
   });
   renderRanking();
