@@ -104,6 +104,88 @@ def sft_cmd(ctx: typer.Context, config: ConfigOpt = None) -> None:
     _lm_command(ctx, config, "sft", "sft")
 
 
+class _TrainByDefault(typer.core.TyperGroup):
+    """A command group whose `train` runs when no subcommand is named (`chatrl rm --model …`)."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["train", *args]
+        return super().parse_args(ctx, args)
+
+
+rm_app = typer.Typer(
+    cls=_TrainByDefault,
+    no_args_is_help=True,
+    help=(
+        "Reward model (stage 2): `chatrl rm --model SFT --data rankings.jsonl --out rm/` trains "
+        "one; `chatrl rm score --model rm/ --data FILE` scores responses. See docs/reward.md."
+    ),
+)
+app.add_typer(rm_app, name="rm")
+
+
+def _rm_help() -> str:
+    from chatrl.config import RMConfig
+
+    return _stage_help(
+        "Train a reward model on rankings (the default `chatrl rm` command). Each ranking of K "
+        "responses is one batch element: its K responses go through the model once and the "
+        "loss is the mean of -log σ(r_w - r_l) over its K(K-1)/2 pairs. TRL prompt/chosen/"
+        "rejected and HH-RLHF pairs train as K = 2. Rewards are then normalised to mean 0, "
+        "std 1 on SFT samples (--prompts) or on the training responses; --eval reports "
+        "pairwise accuracy (eval.json).\n\n"
+        "Example: chatrl rm --model sft/ --data rankings.jsonl --eval held-out.jsonl --out rm/",
+        RMConfig,
+    )
+
+
+@rm_app.command("train", context_settings=STAGE_SETTINGS, help=_rm_help())
+def rm_train_cmd(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    from chatrl.config import RMConfig, load_stage, parse_overrides
+    from chatrl.train.reward import train_reward
+
+    cfg = load_stage(RMConfig, config, "rm", parse_overrides(ctx.args))
+    typer.echo(f"reward model -> {train_reward(cfg)}")
+
+
+@rm_app.command("score")
+def rm_score_cmd(
+    model: Annotated[Path, typer.Option(help="Reward model directory (from `chatrl rm`).")],
+    data: Annotated[
+        Path, typer.Option(help="Conversations, tasks (`chatrl sample`), rankings or pairs.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Write the scored records here (default: stdout).")
+    ] = None,
+    raw: Annotated[bool, typer.Option(help="Raw rewards instead of normalised ones.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 32,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast.")] = False,
+) -> None:
+    """Score responses with a reward model, for inspection and Best-of-n.
+
+    Each record gains `rewards` (one per response; a conversation's last assistant turn is its
+    one response) and `best` (the index of the highest). Files with rankings or pairs also get
+    the model's pairwise accuracy against them.
+    """
+    import json
+
+    from chatrl.train.reward import print_report, ranked_records_report, score_file
+
+    records = score_file(model, data, out, batch_size=batch_size, raw=raw, bf16=bf16)
+    if out is None:
+        for record in records:
+            typer.echo(json.dumps(record, ensure_ascii=False))
+    rewards = [r for record in records for r in record["rewards"]]
+    err_console.print(
+        f"{len(rewards)} responses scored, mean reward {sum(rewards) / len(rewards):.3f}"
+        + (f" -> {out}" if out else ""),
+        highlight=False,
+    )
+    report = ranked_records_report(records)
+    if report:
+        print_report(f"agreement with the rankings in {data}", report, file=sys.stderr)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     from transformers.utils import logging as hf_logging

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from chatrl.errors import UserError
 
@@ -49,6 +49,53 @@ class LMConfig(StageConfig):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
     logging_steps: int = Field(10, gt=0, description="log metrics every N updates")
     eval_steps: int = Field(0, ge=0, description="eval loss every N updates (0: at the end only)")
+    save_steps: int = Field(200, gt=0, description="checkpoint every N updates")
+    resume: bool = Field(False, description="continue from the last checkpoint in --out")
+
+
+class RMConfig(StageConfig):
+    """Settings of the reward-model trainer (``chatrl rm``)."""
+
+    model: str = Field(description="SFT model (or any causal LM / encoder) to start from")
+    data: str = Field(description="rankings, TRL preference pairs or HH-RLHF pairs (JSONL)")
+    out: str = Field(description="output directory for the reward model")
+    eval_data: str | None = Field(
+        None,
+        validation_alias=AliasChoices("eval_data", "eval"),
+        description="held-out rankings for pairwise accuracy (--eval for short)",
+    )
+    prompts: str | None = Field(
+        None,
+        description="training prompts: normalise rewards over SFT samples for them "
+        "(default: over the responses in --data)",
+    )
+    seed: int = Field(0, description="random seed (data order, head init)")
+    max_length: int | None = Field(
+        None, gt=0, description="tokens per prompt + response (default: the model's context)"
+    )
+    per_device_train_batch_size: int = Field(16, gt=0, description="rankings per step per process")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per update")
+    learning_rate: float = Field(1e-4, gt=0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.05, ge=0, le=1, description="share of steps for linear warm-up")
+    num_train_epochs: float = Field(1.0, gt=0, description="passes over the rankings")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many updates")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    margin: float = Field(
+        0.0, ge=0, description="margin per rank of distance: r_w - r_l must exceed margin * d"
+    )
+    center_rewards_coefficient: float = Field(
+        0.0, ge=0, description="penalty on (r_w + r_l)^2 that keeps rewards centred (TRL's)"
+    )
+    bf16: bool = Field(True, description="bf16 autocast (CPU with AVX-512 bf16, or GPU)")
+    use_peft: bool = Field(False, description="train LoRA adapters (and the head) only")
+    lora_r: int = Field(16, gt=0, description="LoRA rank")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    max_new_tokens: int = Field(64, gt=0, description="length of the normalisation samples")
+    temperature: float = Field(1.0, ge=0, description="temperature of the normalisation samples")
+    logging_steps: int = Field(10, gt=0, description="log metrics every N updates")
+    eval_steps: int = Field(0, ge=0, description="evaluate every N updates (0: at the end only)")
     save_steps: int = Field(200, gt=0, description="checkpoint every N updates")
     resume: bool = Field(False, description="continue from the last checkpoint in --out")
 
