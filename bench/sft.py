@@ -151,13 +151,9 @@ def main() -> None:
             sys.exit(f"{name} {variant} failed:\n{done.stderr[-3000:]}")
         seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
         rate = tokens * EPOCHS / seconds
-        results[f"{name}_{variant}"] = {
-            "tokens_per_s": round(rate, 1),
-            "mfu_bf16": round(rate * flops_per_token / (peaks["bf16"] * 1e9), 4),
-        }
-        print(
-            f"{name:7s} {variant:17s} {rate:8.0f} tokens/s  MFU {results[f'{name}_{variant}']['mfu_bf16']:.1%} of bf16 peak"
-        )
+        mfu = rate * flops_per_token / (peaks["bf16"] * 1e9)
+        results[f"{name}_{variant}"] = {"tokens_per_s": round(rate, 1), "mfu_bf16": round(mfu, 4)}
+        print(f"{name:7s} {variant:17s} {rate:8.0f} tokens/s  MFU {mfu:.1%} of bf16 peak")
     base = results["trl_default"]["tokens_per_s"]
     summary = {
         "bench": "sft",
