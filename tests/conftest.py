@@ -86,7 +86,7 @@ def postgres_server():
         if done.returncode:
             raise RuntimeError(f"{' '.join(args)} failed:\n{done.stdout}{done.stderr}")
 
-    run(f"initdb -D {data} -U postgres --auth-local=trust --auth-host=scram-sha-256")
+    run(f"initdb -D {data} -U postgres --auth-local=trust --auth-host=scram-sha-256 --no-sync")
     options = f"-c listen_addresses=127.0.0.1 -p {port} -k {data} -c fsync=off"
     run(f"pg_ctl -D {data} -l {data}/log -w start -o", options)
     try:

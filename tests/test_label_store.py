@@ -234,6 +234,13 @@ def test_agreement_counts_pairwise_comparisons():
     assert agreement([(1, [0, 1]), (1, [1, 0]), (1, [1, 0])])["rate"] == pytest.approx(1 / 3)
 
 
+def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path):
+    store = LabelStore(f"sqlite:///{tmp_path / 'l.db'}")
+    with store.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 10_000
+
+
 def test_bad_database_urls_are_user_errors(tmp_path: Path):
     with pytest.raises(UserError, match="not a database URL"):
         LabelStore("labels.db")

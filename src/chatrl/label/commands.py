@@ -121,7 +121,7 @@ def export_cmd(
         what = "rewritten replies" if fmt == ExportFormat.sft else "rankings"
         raise UserError(f"no {what} submitted yet; nothing written")
     count = write_jsonl(out, records)
-    typer.echo(f"{count} {fmt.value} records -> {out}")
+    typer.echo(f"{count} records ({fmt.value}) -> {out}")
 
 
 @label_app.command("stats")
