@@ -1,0 +1,156 @@
+"""Generation tokens/s: chatrl's Engine vs Hugging Face ``model.generate()``, side by side.
+
+Same bench model (10.49 M parameters, randomly initialised), same left-padded chat prompts of
+about 22 tokens, same dtype, sampling at temperature 1 (no top-k, no top-p), 64 new tokens
+forced on both sides (no stop tokens), a warm-up run each, then the two alternate ``--reps``
+times and each side's median counts. tokens/s = batch x 64 / wall time of the whole call
+(prefill included). The machine may be shared: compare the two columns, not runs.
+
+    python bench/generate.py                     # batch 1, 16, 64; fp32 and bf16
+    python bench/generate.py --profile 16        # where the engine's time goes, batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+
+from chatrl.chat_format import encode_prompt  # noqa: E402
+from chatrl.engine import Engine, SamplingParams  # noqa: E402
+
+NEW_TOKENS = 64
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
+    """Chat prompts of about 22 tokens: a short user turn plus the generation prompt."""
+    rng = random.Random(seed)
+    return [
+        encode_prompt(
+            tokenizer, [{"role": "user", "content": common.sentence(rng, rng.randint(5, 8))}]
+        )
+        for _ in range(n)
+    ]
+
+
+def left_padded(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in batch)
+    ids = torch.full((len(batch), width), pad)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for i, p in enumerate(batch):
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
+    return ids, mask
+
+
+def hf_runner(model, tokenizer, batch: list[list[int]]):
+    ids, mask = left_padded(batch, tokenizer.pad_token_id)
+
+    def run() -> int:
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        return (out.shape[1] - ids.shape[1]) * len(batch)
+
+    return run
+
+
+def engine_runner(model, tokenizer, batch: list[list[int]]):
+    engine = Engine(model, tokenizer, max_batch_size=len(batch))
+    engine.stop_token_ids = []  # force all 64 tokens, as min_new_tokens does for generate()
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, seed=0)
+
+    def run() -> int:
+        return sum(len(c.token_ids) for c in engine.generate(batch, params))
+
+    return run
+
+
+def timed(run) -> float:
+    start = time.perf_counter()
+    tokens = run()
+    return tokens / (time.perf_counter() - start)
+
+
+def compare(model, tokenizer, batch_size: int, reps: int) -> dict[str, float]:
+    batch = prompts(tokenizer, batch_size)
+    runners = {
+        "generate": hf_runner(model, tokenizer, batch),
+        "engine": engine_runner(model, tokenizer, batch),
+    }
+    for run in runners.values():
+        run()  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(reps):
+        for name, run in runners.items():
+            rates[name].append(timed(run))
+    result = {name: statistics.median(r) for name, r in rates.items()}
+    result["ratio"] = result["engine"] / result["generate"]
+    return result
+
+
+def profile(model, tokenizer, batch_size: int) -> None:
+    """The engine's top operators by CPU time for one batch."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    run = engine_runner(model, tokenizer, prompts(tokenizer, batch_size))
+    run()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", default="1,16,64")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--profile", type=int, metavar="BATCH", help="profile the engine instead")
+    args = parser.parse_args()
+
+    tokenizer = common.bench_tokenizer()
+    model = common.bench_model(tokenizer).eval()
+    sizes = [len(p) for p in prompts(tokenizer, 64)]
+    print(
+        f"bench model {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+        f"prompts {min(sizes)}-{max(sizes)} tokens (mean {statistics.mean(sizes):.1f}), "
+        f"{NEW_TOKENS} new tokens, {torch.get_num_threads()} threads"
+    )
+    if args.profile:
+        profile(model, tokenizer, args.profile)
+        return
+    results = {}
+    print(f"{'dtype':>5} {'batch':>5} {'generate tok/s':>15} {'engine tok/s':>13} {'ratio':>6}")
+    for dtype_name in args.dtypes.split(","):
+        model.to(DTYPES[dtype_name])
+        for batch_size in map(int, args.batch_sizes.split(",")):
+            r = compare(model, tokenizer, batch_size, args.reps)
+            results[f"{dtype_name}_batch{batch_size}"] = {k: round(v, 2) for k, v in r.items()}
+            print(
+                f"{dtype_name:>5} {batch_size:>5} {r['generate']:>15.0f} {r['engine']:>13.0f} "
+                f"{r['ratio']:>5.2f}x",
+                flush=True,
+            )
+    common.print_result({"bench": "generate", "new_tokens": NEW_TOKENS, "results": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,481 @@
+"""The generation engine: every place where a model writes (sample, PPO rollouts, eval, chat,
+serve) goes through ``Engine``.
+
+It drives a Hugging Face causal LM's forward itself, one call per step, instead of going through
+``model.generate()``'s generic machinery, because for the small models chatrl trains on a CPU the
+per-step overhead is most of the cost:
+
+- the KV cache is preallocated once per batch, sized to the batch and to the longest prompt plus
+  ``max_new_tokens`` (never the model's context), and written in place (``KVCache``);
+- prompts are left-padded; the attention mask is a 4D boolean tensor built once, of which each
+  step passes a view, so the model skips its own mask construction;
+- sampling draws one uniform number per row and inverts the cumulative distribution, which is
+  much cheaper on a CPU than ``torch.multinomial`` over the vocabulary;
+- rows that finished are dropped from the batch once a quarter of it has finished;
+- the ``n`` samples of a prompt share one prefill: its keys and values are copied ``n`` times.
+
+Log-probabilities come from the same fp32 logits the token was drawn from, so they equal those of
+a full forward pass over the finished sequence (up to float rounding): ``Completion.logprobs``
+under the sampling distribution, ``Completion.model_logprobs`` under the untempered model (what
+PPO's ratio needs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from chatrl.chat_format import encode_prompt, stop_token_ids
+from chatrl.data import Message
+from chatrl.errors import UserError
+
+# Compact the batch once this fraction of its rows has finished: dropping rows copies the cache.
+COMPACT_FRACTION = 0.25
+# Top-p first looks for its nucleus among this many most likely tokens (exact when it fits there).
+TOP_P_CANDIDATES = 64
+
+
+@dataclass
+class SamplingParams:
+    """How to sample. ``temperature=0`` is greedy decoding."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def check(self) -> None:
+        """Raise UserError on settings that cannot work."""
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0 (0 is off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.n < 1:
+            raise UserError(f"n must be at least 1, got {self.n}")
+        if any(not s for s in self.stop):
+            raise UserError("stop strings must not be empty")
+
+
+@dataclass
+class Completion:
+    """One generated response.
+
+    ``token_ids`` include the end-of-turn/EOS token when generation stopped on one, or the tokens
+    that completed a stop string; ``text`` is decoded without them (and cut before the stop
+    string). ``logprobs[i]`` is the log-probability of ``token_ids[i]`` under the distribution it
+    was drawn from (temperature, top-k and top-p applied; 0 for greedy decoding, whose choice is
+    certain); ``model_logprobs[i]`` is the same token's log-probability under the untempered model,
+    the one PPO needs. Both are float32. ``finish_reason`` is "stop" (stop token or string) or
+    "length" (``max_new_tokens`` reached).
+    """
+
+    prompt_index: int
+    token_ids: list[int]
+    text: str
+    logprobs: torch.Tensor
+    model_logprobs: torch.Tensor
+    finish_reason: str
+
+
+class _PreallocatedLayer(CacheLayerMixin):
+    """One layer's keys and values in tensors allocated on first use and written in place.
+
+    ``update`` returns views up to the current length, so attention never reads unused slots. A
+    prefill with fewer rows than the cache (``n`` samples per prompt) is copied to each sample.
+    """
+
+    is_sliding = False
+
+    def __init__(self, batch_size: int, max_len: int):
+        super().__init__()
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        shape = (self.batch_size, key_states.shape[1], self.max_len)
+        self.keys = key_states.new_empty(*shape, key_states.shape[3])
+        self.values = value_states.new_empty(*shape, value_states.shape[3])
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[2]
+        repeats = self.keys.shape[0] // key_states.shape[0]
+        if repeats > 1:
+            self.keys[:, :, start:end] = key_states.repeat_interleave(repeats, 0)
+            self.values[:, :, start:end] = value_states.repeat_interleave(repeats, 0)
+            self.length = end
+            return key_states, value_states
+        self.keys[:, :, start:end] = key_states
+        self.values[:, :, start:end] = value_states
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.keys, self.values = self.keys[rows], self.values[rows]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.max_len
+
+
+class KVCache(Cache):
+    """A transformers ``Cache`` of preallocated layers ``[batch, kv_heads, max_len, head_dim]``."""
+
+    def __init__(self, num_layers: int, batch_size: int, max_len: int):
+        super().__init__(
+            layers=[_PreallocatedLayer(batch_size, max_len) for _ in range(num_layers)]
+        )
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (in this order)."""
+        for layer in self.layers:
+            layer.select(rows)
+
+
+def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    kth = scores.topk(min(k, scores.shape[-1])).values[:, -1:]
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def _top_p(scores: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches ``p``.
+
+    Sorting the vocabulary is slow on a CPU, so the nucleus is first sought among the top
+    ``TOP_P_CANDIDATES`` tokens; the full sort runs only when some row's nucleus is larger.
+    """
+    candidates = min(TOP_P_CANDIDATES, scores.shape[-1])
+    top = scores.topk(candidates).values
+    probs = (top - scores.logsumexp(-1, keepdim=True)).exp()
+    if (probs.sum(-1) < p).any():
+        top = scores.sort(-1, descending=True).values
+        probs = top.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
+    kept = (mass_before < p).sum(-1, keepdim=True)
+    threshold = top.gather(-1, kept - 1)
+    return scores.masked_fill(scores < threshold, float("-inf"))
+
+
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw one token per row of ``logits`` [rows, vocab].
+
+    Returns the tokens, their log-probabilities under the sampling distribution, and under the
+    untempered model (both float32).
+    """
+    logits = logits.float()
+    model_logp = logits.log_softmax(-1)
+    if params.temperature == 0:
+        tokens = logits.argmax(-1, keepdim=True)
+        return tokens[:, 0], torch.zeros(len(tokens)), model_logp.gather(-1, tokens)[:, 0]
+    scores = logits / params.temperature if params.temperature != 1 else logits
+    if params.top_k:
+        scores = _top_k(scores, params.top_k)
+    if params.top_p < 1:
+        scores = _top_p(scores, params.top_p)
+    logp = model_logp if scores is logits else scores.log_softmax(-1)
+    cdf = logp.exp().cumsum(-1)
+    # u in (0, total]: the first index whose cdf reaches u always has non-zero probability.
+    u = (1 - torch.rand(len(cdf), 1, generator=generator, device=cdf.device)) * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, u)
+    return tokens[:, 0], logp.gather(-1, tokens)[:, 0], model_logp.gather(-1, tokens)[:, 0]
+
+
+def _context_length(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class _Batch:
+    """One batched generation in progress: the cache, the masks and what each row wrote so far.
+
+    Rows are prompt-major: row ``i * n + j`` is sample ``j`` of prompt ``i``. The model's batch
+    holds the still-active rows, ``self.rows`` maps batch positions to rows.
+    """
+
+    def __init__(self, engine: Engine, prompts: list[list[int]], params: SamplingParams, generator):
+        self.engine, self.params, self.generator = engine, params, generator
+        self.num_rows = len(prompts) * params.n
+        self.prompt_len = max(len(p) for p in prompts)
+        total = self.prompt_len + params.max_new_tokens
+        context = _context_length(engine.config)
+        if context and total > context:
+            raise UserError(
+                f"a prompt of {self.prompt_len} tokens plus max_new_tokens={params.max_new_tokens} "
+                f"exceeds the model's context of {context} tokens"
+            )
+        window = getattr(engine.config, "sliding_window", None)
+        if window and total > window:
+            raise UserError(
+                f"sequences longer than the model's sliding window ({window}) are not supported"
+            )
+        device = engine.device
+        self.input_ids = torch.full(
+            (len(prompts), self.prompt_len), engine.pad_token_id, device=device
+        )
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        for i, prompt in enumerate(prompts):
+            self.input_ids[i, self.prompt_len - len(prompt) :] = torch.tensor(prompt, device=device)
+        self.valid = (
+            torch.arange(self.prompt_len, device=device) >= self.prompt_len - lengths[:, None]
+        )
+        # The attention mask of every step, as scores to add: 0 where a slot holds a real token,
+        # the dtype's minimum for left padding and slots not written yet.
+        self.bias = torch.full(
+            (self.num_rows, total), torch.finfo(engine.dtype).min, dtype=engine.dtype, device=device
+        )
+        self.bias[:, : self.prompt_len].masked_fill_(self.valid.repeat_interleave(params.n, 0), 0)
+        self.positions = lengths.repeat_interleave(params.n)[:, None]
+        self.cache = KVCache(engine.config.num_hidden_layers, self.num_rows, total)
+        self.rows = list(range(self.num_rows))
+        self.steps = 0  # tokens drawn per row so far
+        self.last_tokens = torch.zeros(0)
+        self.tokens: list[list[int]] = [[] for _ in range(self.num_rows)]
+        self.logprobs = torch.zeros(self.num_rows, params.max_new_tokens)
+        self.model_logprobs = torch.zeros(self.num_rows, params.max_new_tokens)
+        self.finish_reasons: list[str | None] = [None] * self.num_rows
+        self.cut_texts: dict[int, str] = {}
+
+    @property
+    def done(self) -> bool:
+        return all(reason is not None for reason in self.finish_reasons)
+
+    def _forward(self, input_ids, mask, position_ids) -> torch.Tensor:
+        out = self.engine.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
+    @torch.inference_mode()
+    def prefill(self) -> None:
+        """Run the prompts through the model and draw every row's first token."""
+        n, p, valid = self.params.n, self.prompt_len, self.valid
+        causal = torch.ones(p, p, dtype=torch.bool, device=valid.device).tril()
+        # Padding slots attend to themselves so that no attention row is empty (NaN otherwise).
+        allowed = (causal & valid[:, None, :]) | torch.eye(p, dtype=torch.bool, device=valid.device)
+        mask = torch.zeros(allowed.shape, dtype=self.bias.dtype, device=valid.device)
+        mask.masked_fill_(~allowed, torch.finfo(mask.dtype).min)
+        position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        logits = self._forward(self.input_ids, mask[:, None], position_ids)
+        self._record(*sample(logits.repeat_interleave(n, 0), self.params, self.generator))
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Feed every active row its last token and draw the next one."""
+        slot = self.prompt_len + self.steps - 1
+        self.bias[:, slot] = 0
+        mask = self.bias[:, None, None, : slot + 1]
+        logits = self._forward(self.last_tokens[:, None], mask, self.positions)
+        self.positions = self.positions + 1
+        self._record(*sample(logits, self.params, self.generator))
+
+    def _record(self, tokens, logprobs, model_logprobs) -> None:
+        step, self.steps = self.steps, self.steps + 1
+        rows = torch.tensor(self.rows)
+        self.logprobs[rows, step] = logprobs.cpu()
+        self.model_logprobs[rows, step] = model_logprobs.cpu()
+        self.last_tokens = tokens
+        stop_ids, stop_strings = self.engine.stop_token_set, self.params.stop
+        for row, token in zip(self.rows, tokens.tolist(), strict=True):
+            if self.finish_reasons[row] is not None:
+                continue
+            self.tokens[row].append(token)
+            if token in stop_ids or stop_strings and self._cut_at_stop_string(row):
+                self.finish_reasons[row] = "stop"
+            elif step + 1 == self.params.max_new_tokens:
+                self.finish_reasons[row] = "length"
+        active = [i for i, row in enumerate(self.rows) if self.finish_reasons[row] is None]
+        if active and len(self.rows) - len(active) >= COMPACT_FRACTION * len(self.rows):
+            self._keep(active)
+
+    def _keep(self, positions: list[int]) -> None:
+        """Drop finished rows from the model's batch."""
+        index = torch.tensor(positions, device=self.bias.device)
+        self.cache.select(index)
+        self.bias, self.positions = self.bias[index], self.positions[index]
+        self.last_tokens = self.last_tokens[index]
+        self.rows = [self.rows[i] for i in positions]
+
+    def _cut_at_stop_string(self, row: int) -> bool:
+        text = self.engine.decode(self.tokens[row])
+        hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
+        if hits:
+            self.cut_texts[row] = text[: min(hits)]
+        return bool(hits)
+
+    def text(self, row: int) -> str:
+        """The row's response so far, without its stop token or stop string."""
+        if row in self.cut_texts:
+            return self.cut_texts[row]
+        ids = self.tokens[row]
+        if self.finish_reasons[row] == "stop":
+            ids = ids[:-1]
+        return self.engine.decode(ids)
+
+    def completion(self, row: int, prompt_index: int) -> Completion:
+        count = len(self.tokens[row])
+        return Completion(
+            prompt_index=prompt_index,
+            token_ids=list(self.tokens[row]),
+            text=self.text(row),
+            logprobs=self.logprobs[row, :count].clone(),
+            model_logprobs=self.model_logprobs[row, :count].clone(),
+            finish_reason=self.finish_reasons[row],
+        )
+
+
+class Engine:
+    """Batched generation with a KV cache for any Hugging Face causal LM (peft-wrapped too).
+
+    The engine holds references, never copies: weights updated in place by training are used by
+    the next call. ``stop_token_ids`` (default: end-of-turn and EOS) end a response; set it to
+    an empty list to always generate ``max_new_tokens``. At most ``max_batch_size`` sequences
+    (prompts times ``n``) are generated at once; longer prompt lists run in chunks of prompts of
+    similar length.
+    """
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 64):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size = max_batch_size
+        self.stop_token_ids: list[int] = stop_token_ids(tokenizer)
+        pad = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+        self.pad_token_id = pad if pad is not None else 0
+        implementation = getattr(self.config, "_attn_implementation", "sdpa")
+        if implementation not in ("sdpa", "eager"):
+            raise UserError(
+                f"the engine supports sdpa and eager attention, not {implementation!r}; "
+                "load the model with attn_implementation='sdpa'"
+            )
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def stop_token_set(self) -> set[int]:
+        return set(self.stop_token_ids)
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Token ids as text, special tokens left out."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _check(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        params.check()
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise UserError(f"prompt {i} is empty")
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Generate ``params.n`` completions for each prompt (token ids, without padding).
+
+        Prompt-major order: the ``n`` samples of prompt ``i`` are at ``[i * n:(i + 1) * n]``.
+        """
+        self._check(prompts, params)
+        generator = self._generator(params.seed)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        per_batch = max(1, self.max_batch_size // params.n)
+        results: list[list[Completion]] = [[] for _ in prompts]
+        with _eval_mode(self.model):
+            for start in range(0, len(order), per_batch):
+                chunk = order[start : start + per_batch]
+                batch = _Batch(self, [prompts[i] for i in chunk], params, generator)
+                batch.prefill()
+                while not batch.done:
+                    batch.step()
+                for j, i in enumerate(chunk):
+                    rows = range(j * params.n, (j + 1) * params.n)
+                    results[i] = [batch.completion(row, i) for row in rows]
+        return [completion for group in results for completion in group]
+
+    def generate_chat(
+        self, conversations: list[list[Message]], params: SamplingParams
+    ) -> list[Completion]:
+        """Render each conversation with the chat template (plus the assistant's generation
+        prompt), then ``generate``."""
+        prompts = [encode_prompt(self.tokenizer, messages) for messages in conversations]
+        return self.generate(prompts, params)
+
+    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
+        """Text deltas of one sample as its tokens are produced.
+
+        Joined, the deltas equal the ``text`` that ``generate`` returns for the same prompt and
+        seed. Text that could still become a stop string, or an incomplete UTF-8 character, is held
+        back until it is settled. Closing the iterator stops generation.
+        """
+        if params.n != 1:
+            raise UserError("stream produces one sample; use n=1")
+        self._check([prompt], params)
+        batch = _Batch(self, [prompt], params, self._generator(params.seed))
+        sent = ""
+        with _eval_mode(self.model):
+            batch.prefill()
+            while True:
+                text = batch.text(0) if batch.done else _settled(batch.text(0), params.stop)
+                if len(text) > len(sent) and text.startswith(sent):
+                    yield text[len(sent) :]
+                    sent = text
+                if batch.done:
+                    return
+                batch.step()
+
+
+def _settled(text: str, stop: list[str]) -> str:
+    """The part of ``text`` that no later token can change: no trailing partial character and
+    no tail that could be the start of a stop string."""
+    text = text.rstrip("\ufffd")
+    held = 0
+    for s in stop:
+        for size in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:size]):
+                held = size
+                break
+    return text[: len(text) - held]
