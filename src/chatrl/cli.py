@@ -104,6 +104,33 @@ def sft_cmd(ctx: typer.Context, config: ConfigOpt = None) -> None:
     _lm_command(ctx, config, "sft", "sft")
 
 
+@app.command("sample")
+def sample_cmd(
+    model: Annotated[Path, typer.Option(help="Model directory to sample from (the SFT model).")],
+    prompts: Annotated[Path, typer.Option(help='Prompts JSONL: {"messages": [...]} per line.')],
+    out: Annotated[Path, typer.Option(help="Tasks JSONL to write.")],
+    k: Annotated[int, typer.Option(help="Distinct responses per prompt.")] = 4,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass; 1 is off.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest response, in tokens.")] = 64,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Sequences (prompts x k) per batch.")] = 64,
+) -> None:
+    """Sample K distinct responses per prompt: the tasks people (or `chatrl label`) rank.
+
+    Writes {"prompt", "responses", "meta"} per prompt, the prompt's meta carried along. Repeated
+    responses are re-drawn a few times; any left are listed in meta["duplicates"].
+    """
+    from chatrl.engine import SamplingParams
+    from chatrl.sample import sample_tasks
+
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+    )
+    tasks = sample_tasks(model, prompts, out, k, params, batch_size)
+    typer.echo(f"{len(tasks)} tasks x {k} responses -> {out}")
+
+
 class _TrainByDefault(typer.core.TyperGroup):
     """A command group whose `train` runs when no subcommand is named (`chatrl rm --model …`)."""
 

@@ -1,0 +1,84 @@
+"""``chatrl sample``: K distinct responses per prompt, written as ranking tasks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from chatrl.data import load_tasks
+from chatrl.engine import SamplingParams
+from chatrl.errors import UserError
+from chatrl.sample import sample_tasks
+
+PROMPTS = [
+    {"messages": [{"role": "user", "content": "What is 2 plus 3?"}], "meta": {"family": "sum"}},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+    {"messages": [{"role": "user", "content": "The cat sat on the"}], "meta": {"id": 7}},
+]
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return path
+
+
+def chatrl(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "chatrl", *map(str, args)], capture_output=True, text=True
+    )
+
+
+def test_sample_writes_k_distinct_responses_per_prompt(micro_model, prompts_file, tmp_path):
+    out = tmp_path / "tasks.jsonl"
+    args = ["sample", "--model", micro_model, "--prompts", prompts_file, "--k", 3, "--out", out]
+    args += ["--max-new-tokens", 8, "--seed", 0, "--batch-size", 4]
+    done = chatrl(*args)
+    assert done.returncode == 0, done.stderr
+    assert f"3 tasks x 3 responses -> {out}" in done.stdout
+    tasks = load_tasks(out)
+    assert [t.prompt for t in tasks] == [p["messages"] for p in PROMPTS]
+    assert [t.meta for t in tasks] == [p.get("meta", {}) for p in PROMPTS]
+    for task in tasks:
+        assert len(task.responses) == len(set(task.responses)) == 3
+    first = out.read_text()
+    assert chatrl(*args).returncode == 0
+    assert out.read_text() == first  # same seed, same tasks
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_repeats_that_survive_redraws_are_marked(micro_model, prompts_file, tmp_path):
+    # Greedy decoding always answers the same: every response after the first is a repeat.
+    params = SamplingParams(max_new_tokens=4, temperature=0)
+    tasks = sample_tasks(micro_model, prompts_file, tmp_path / "tasks.jsonl", 3, params)
+    for task, prompt in zip(tasks, PROMPTS, strict=True):
+        assert len(set(task.responses)) == 1
+        assert task.meta == {**prompt.get("meta", {}), "duplicates": [1, 2]}
+    assert load_tasks(tmp_path / "tasks.jsonl")[0].meta["duplicates"] == [1, 2]
+
+
+def test_bad_input_is_one_line_and_exit_status_2(micro_model, prompts_file, tmp_path):
+    done = chatrl(
+        "sample",
+        "--model",
+        micro_model,
+        "--prompts",
+        prompts_file,
+        "--k",
+        1,
+        "--out",
+        tmp_path / "t.jsonl",
+    )
+    assert done.returncode == 2
+    assert "--k must be at least 2" in done.stderr and "Traceback" not in done.stderr
+    with pytest.raises(UserError, match="file not found"):
+        sample_tasks(
+            micro_model, tmp_path / "missing.jsonl", tmp_path / "t.jsonl", 2, SamplingParams()
+        )
+    with pytest.raises(UserError, match="model directory not found"):
+        sample_tasks(tmp_path / "nope", prompts_file, tmp_path / "t.jsonl", 2, SamplingParams())
+    assert not (tmp_path / "t.jsonl").exists()
