@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from chatrl.errors import UserError
+from chatrl.world.commands import world_app
 
 app = typer.Typer(
     help=(
@@ -211,6 +212,53 @@ def rm_score_cmd(
     report = ranked_records_report(records)
     if report:
         print_report(f"agreement with the rankings in {data}", report, file=sys.stderr)
+
+
+app.add_typer(world_app, name="world")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[Path, typer.Option(help="Model directory to evaluate.")],
+    prompts: Annotated[
+        Path, typer.Option(help="World prompts JSONL (`chatrl world prompts --split heldout`).")
+    ],
+    baseline: Annotated[
+        Path | None, typer.Option(help="Model to compare with (win rate, KL).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the report as JSON here.")] = None,
+    samples: Annotated[
+        Path | None, typer.Option(help="Write every response and its verdict here (JSONL).")
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest response, in tokens.")] = 64,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Score a model's responses to world prompts with the gold labeler.
+
+    Reports mean gold score, win rate against the baseline (ties count half), refusal rate on
+    harmful prompts, over-refusal rate on borderline ones, accuracy per family, length,
+    repetition and stop rates, the KL divergence from the baseline, and the same figures for
+    the world's perfect responses (the ceiling).
+    """
+    from rich.table import Table
+
+    from chatrl.data import load_prompts, write_json
+    from chatrl.evaluate import evaluate_model, table_rows
+
+    report = evaluate_model(
+        model, load_prompts(prompts), baseline, temperature, seed, max_new_tokens, samples
+    )
+    columns, rows = table_rows(report)
+    table = Table(title=f"{prompts.name}, temperature {temperature}")
+    for name in ["metric", *columns]:
+        table.add_column(name, justify="left" if name == "metric" else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    if out is not None:
+        write_json(out, report)
+        typer.echo(f"report -> {out}")
 
 
 def main() -> None:

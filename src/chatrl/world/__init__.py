@@ -1,0 +1,29 @@
+"""The bundled assistant world: prompts whose best answer is known exactly, a gold labeler,
+simulated annotators, flawed demonstrations for SFT and plain text for pretraining.
+
+Stages never import it (they meet the world in files); ``chatrl world``, ``chatrl eval`` and
+the pipeline do. See docs/world.md.
+"""
+
+from chatrl.world.judge import Judgement, gold_score
+from chatrl.world.tasks import (
+    DEMO_MIX,
+    FAMILIES,
+    SPLITS,
+    make_prompts,
+    perfect_response,
+    pretrain_text,
+    sft_conversations,
+)
+
+__all__ = [
+    "DEMO_MIX",
+    "FAMILIES",
+    "SPLITS",
+    "Judgement",
+    "gold_score",
+    "make_prompts",
+    "perfect_response",
+    "pretrain_text",
+    "sft_conversations",
+]
