@@ -23,7 +23,7 @@ PPO's ratio needs).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -444,12 +444,13 @@ class Engine:
         prompts = [encode_prompt(self.tokenizer, messages) for messages in conversations]
         return self.generate(prompts, params)
 
-    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
+    def stream(self, prompt: list[int], params: SamplingParams) -> Generator[str, None, Completion]:
         """Text deltas of one sample as its tokens are produced.
 
         Joined, the deltas equal the ``text`` that ``generate`` returns for the same prompt and
         seed. Text that could still become a stop string, or an incomplete UTF-8 character, is held
-        back until it is settled. Closing the iterator stops generation.
+        back until it is settled. Closing the iterator stops generation. The generator returns
+        the ``Completion`` (token ids, finish reason) as its ``StopIteration.value``.
         """
         if params.n != 1:
             raise UserError("stream produces one sample; use n=1")
@@ -464,7 +465,7 @@ class Engine:
                     yield text[len(sent) :]
                     sent = text
                 if batch.done:
-                    return
+                    return batch.completion(0, 0)
                 batch.step()
 
 
