@@ -366,3 +366,12 @@ def write_json(path: str | Path, obj: Any) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
+
+
+def load_json_file(path: str | Path) -> Any:
+    """One JSON document (a config or state file chatrl wrote); errors name the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read JSON: {e}") from None

@@ -1,0 +1,418 @@
+"""`chatrl run` and `chatrl demo`: the stages joined into one resumable pipeline.
+
+model → sft → sample → label → rm → ppo → eval, each writing to ``RUN/<stage>/``. A stage
+records a hash of its settings and of everything upstream in ``RUN/<stage>/stage.json``; a
+rerun skips stages whose hash matches and that finished, resumes the one that was
+interrupted (trainers continue from their checkpoint), and reruns a stage whose settings
+changed, with everything after it. Nothing is written outside the run directory.
+
+With ``world = true`` (the default) the bundled world supplies the data (pretraining text,
+flawed demonstrations, prompt splits), the simulated annotators and the gold labeler used by
+the final evaluation. Held-out prompts come from the world's ``heldout`` split, which no
+stage trains on; stages never see the gold labeler beyond what the simulated annotators do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from chatrl.config import LMConfig, PPOConfig, RMConfig, StageConfig, build, read_toml
+from chatrl.data import load_json_file, write_json, write_jsonl
+from chatrl.errors import UserError
+
+STAGES = ("model", "sft", "sample", "label", "rm", "ppo", "eval")
+DEMO_CONFIG = Path(__file__).parent / "demo.toml"
+console = Console(stderr=True)
+
+
+class WaitingForLabels(Exception):
+    """The ranking step needs people: printed as instructions, exit status 3."""
+
+
+# ---------------------------------------------------------------- settings
+# Each section holds the pipeline's own keys; every other key goes to the stage's settings
+# (LMConfig, RMConfig, PPOConfig), which name any unknown key.
+
+
+class ModelSection(StageConfig, extra="allow"):
+    path: str | None = None  # an existing HF causal LM: skip init and pretraining
+    preset: str = "small"
+    vocab_size: int | None = None
+    text: str | None = None  # pretraining text file (default: the world's)
+    world_docs: int = 20000
+    pretrain: bool = True
+
+
+class SFTSection(StageConfig, extra="allow"):
+    data: str | None = None  # SFT conversations (default: the world's flawed demonstrations)
+    world_demos: int = 4000
+
+
+class SampleSection(StageConfig):
+    prompts: str | None = None  # prompts to rank (default: the world's "rank" split)
+    world_prompts: int = 1000
+    k: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 48
+
+
+class LabelSection(StageConfig):
+    mode: str = "simulate"  # "simulate" (the world's annotators) or "app" (people)
+    db: str | None = None  # default: sqlite:///RUN/label/labels.db
+    annotators: int = 3
+    min_rankings: int | None = None  # "app": how many to wait for (default: every task)
+
+
+class RMSection(StageConfig, extra="allow"):
+    pass
+
+
+class PPOSection(StageConfig, extra="allow"):
+    prompts: str | None = None  # default: the world's "train" split
+    world_prompts: int = 2000
+
+
+class EvalSection(StageConfig):
+    world_prompts: int = 300
+    best_of: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int = 48
+
+
+class RunConfig(StageConfig):
+    seed: int = 0
+    world: bool = True
+    model: ModelSection = ModelSection()
+    sft: SFTSection = SFTSection()
+    sample: SampleSection = SampleSection()
+    label: LabelSection = LabelSection()
+    rm: RMSection = RMSection()
+    ppo: PPOSection = PPOSection()
+    eval: EvalSection = EvalSection()
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """A run's TOML config; errors name the file, the section and the key."""
+    cfg = build(RunConfig, read_toml(path), str(path))
+    assert isinstance(cfg, RunConfig)
+    if cfg.label.mode not in ("simulate", "app"):
+        raise UserError(f"{path}: [label] mode must be 'simulate' or 'app'")
+    if not cfg.world:
+        missing = [
+            name
+            for name, value in [
+                ("[model] path or text", cfg.model.path or cfg.model.text),
+                ("[sft] data", cfg.sft.data),
+                ("[sample] prompts", cfg.sample.prompts),
+                ("[ppo] prompts", cfg.ppo.prompts),
+            ]
+            if not value
+        ]
+        if missing:
+            raise UserError(f"{path}: world = false needs {', '.join(missing)}")
+        if cfg.label.mode == "simulate":
+            raise UserError(f"{path}: simulated annotators need world = true; use mode = 'app'")
+    for section in ("model", "sft", "rm", "ppo"):
+        _stage_settings(cfg, section, Path("RUN"), str(path))  # names unknown keys now
+    return cfg
+
+
+def _extras(section: StageConfig) -> dict[str, Any]:
+    return dict(section.model_extra or {})
+
+
+def _stage_settings(cfg: RunConfig, stage: str, run: Path, source: str = "config") -> StageConfig:
+    """The stage's own settings: its section's extra keys plus the pipeline's wiring."""
+    where = f"{source} [{stage}]"
+    seed = {"seed": cfg.seed}
+    if stage == "model":
+        wiring = {"model": str(run / "model" / "init"), "data": str(run / "model" / "text.txt")}
+        return build(
+            LMConfig, {**seed, **_extras(cfg.model), **wiring, "out": str(run / "model")}, where
+        )
+    if stage == "sft":
+        wiring = {"model": str(_base_model(cfg, run)), "data": str(_sft_data(cfg, run))}
+        return build(
+            LMConfig, {**seed, **_extras(cfg.sft), **wiring, "out": str(run / "sft")}, where
+        )
+    if stage == "rm":
+        wiring = {
+            "model": str(run / "sft"),
+            "data": str(run / "label" / "rankings.jsonl"),
+            "prompts": str(run / "sample" / "prompts.jsonl"),
+            "out": str(run / "rm"),
+        }
+        return build(RMConfig, {**seed, **_extras(cfg.rm), **wiring}, where)
+    wiring = {
+        "policy": str(run / "sft"),
+        "reward": str(run / "rm"),
+        "prompts": str(run / "ppo" / "prompts.jsonl"),
+        "out": str(run / "ppo"),
+    }
+    return build(PPOConfig, {**seed, **_extras(cfg.ppo), **wiring}, where)
+
+
+def _base_model(cfg: RunConfig, run: Path) -> Path | str:
+    return cfg.model.path or run / "model"
+
+
+def _sft_data(cfg: RunConfig, run: Path) -> Path:
+    return Path(cfg.sft.data) if cfg.sft.data else run / "sft" / "data.jsonl"
+
+
+# ---------------------------------------------------------------- stages
+
+
+@dataclass
+class Run:
+    """One run directory and its settings, shared by the stage functions."""
+
+    cfg: RunConfig
+    dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def stage_dir(self, stage: str) -> Path:
+        path = self.dir / stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def run_model(run: Run) -> None:
+    """A base model: the user's, or a new one pretrained on the world's text."""
+    from chatrl.data import load_text
+    from chatrl.models import init_model
+    from chatrl.train.lm import train_lm
+
+    cfg = run.cfg
+    if cfg.model.path:
+        return
+    out = run.stage_dir("model")
+    if cfg.model.text:
+        texts = load_text(cfg.model.text)
+    else:
+        from chatrl.world import pretrain_text
+
+        texts = pretrain_text(cfg.model.world_docs, cfg.seed)
+    (out / "text.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    if not (out / "init" / "config.json").exists():
+        init_model(
+            cfg.model.preset, texts, out / "init", seed=cfg.seed, vocab_size=cfg.model.vocab_size
+        )
+    settings = _stage_settings(cfg, "model", run.dir)
+    if cfg.model.pretrain:
+        settings.resume = True
+        train_lm(settings, "pretrain")
+    else:
+        shutil.copytree(out / "init", out, dirs_exist_ok=True)
+
+
+def run_sft(run: Run) -> None:
+    from chatrl.train.lm import train_lm
+
+    cfg = run.cfg
+    if not cfg.sft.data:
+        from chatrl.world import sft_conversations
+
+        conversations = sft_conversations(cfg.sft.world_demos, cfg.seed)
+        write_jsonl(run.stage_dir("sft") / "data.jsonl", ({"messages": c} for c in conversations))
+    settings = _stage_settings(cfg, "sft", run.dir)
+    settings.resume = True
+    train_lm(settings, "sft")
+
+
+def _world_prompts(n: int, seed: int, split: str, path: Path) -> Path:
+    from chatrl.world import make_prompts
+
+    write_jsonl(path, (p.to_json() for p in make_prompts(n, seed, split)))
+    return path
+
+
+def run_sample(run: Run) -> None:
+    """K responses per prompt from the SFT model: the tasks to rank."""
+    from chatrl.data import load_prompts
+    from chatrl.engine import SamplingParams
+    from chatrl.sample import sample_tasks
+
+    cfg, out = run.cfg, run.stage_dir("sample")
+    prompts_path = out / "prompts.jsonl"
+    if cfg.sample.prompts:
+        write_jsonl(prompts_path, (p.to_json() for p in load_prompts(cfg.sample.prompts)))
+    else:
+        _world_prompts(cfg.sample.world_prompts, cfg.seed, "rank", prompts_path)
+    sample_tasks(
+        model=run.dir / "sft",
+        prompts=prompts_path,
+        out=out / "tasks.jsonl",
+        k=cfg.sample.k,
+        params=SamplingParams(
+            max_new_tokens=cfg.sample.max_new_tokens,
+            temperature=cfg.sample.temperature,
+            seed=cfg.seed,
+        ),
+    )
+
+
+def run_label(run: Run) -> None:
+    """Rankings of the sampled tasks, by simulated annotators or by people in the app."""
+    from chatrl.data import load_tasks
+    from chatrl.label.store import LabelStore, simulate
+
+    cfg, out = run.cfg, run.stage_dir("label")
+    db = cfg.label.db or f"sqlite:///{out / 'labels.db'}"
+    store = LabelStore(db)
+    try:
+        tasks = load_tasks(run.dir / "sample" / "tasks.jsonl")
+        store.import_tasks(tasks)
+        if cfg.label.mode == "simulate":
+            from chatrl.world.annotators import agreement_report, default_annotators
+            from chatrl.world.tasks import Prompt
+
+            team = default_annotators(cfg.seed)[: cfg.label.annotators]
+            simulate(store, {a.name: a.rank for a in team})
+            sets = [(Prompt(t.prompt, t.meta), t.responses) for t in tasks[:500]]
+            run.metrics["annotators"] = agreement_report(team, sets)
+        rankings = store.rankings()
+        needed = cfg.label.min_rankings or len(tasks)
+        if len(rankings) < needed:
+            raise WaitingForLabels(
+                f"{len(rankings)} of {needed} rankings are in. Open the labeling app:\n"
+                f"  chatrl label serve --db {db}\n"
+                f"  chatrl label add-annotator NAME --db {db}   (prints a login token)\n"
+                "then rerun the same `chatrl run` command; it continues from here."
+            )
+        write_jsonl(out / "rankings.jsonl", (r.to_json() for r in rankings))
+    finally:
+        store.close()
+
+
+def run_rm(run: Run) -> None:
+    from chatrl.train.reward import train_reward
+
+    settings = _stage_settings(run.cfg, "rm", run.dir)
+    settings.resume = True
+    train_reward(settings)
+
+
+def run_ppo(run: Run) -> None:
+    from chatrl.data import load_prompts
+    from chatrl.train.ppo import train_ppo
+
+    cfg, out = run.cfg, run.stage_dir("ppo")
+    prompts_path = out / "prompts.jsonl"
+    if cfg.ppo.prompts:
+        write_jsonl(prompts_path, (p.to_json() for p in load_prompts(cfg.ppo.prompts)))
+    else:
+        _world_prompts(cfg.ppo.world_prompts, cfg.seed, "train", prompts_path)
+    settings = _stage_settings(cfg, "ppo", run.dir)
+    settings.resume = True
+    train_ppo(settings, rollout_metrics=_gold_hook() if cfg.world else None)
+
+
+def _gold_hook() -> Callable[[list[dict], list[str], list[bool]], dict[str, float]]:
+    """PPO logs the gold score of its rollouts: reward-model over-optimisation shows."""
+    from chatrl.data import Prompt
+    from chatrl.world.judge import gold_score
+
+    def gold(metas: list[dict], responses: list[str], finished: list[bool]) -> dict[str, float]:
+        scores = [
+            gold_score(Prompt([], meta), r, f)
+            for meta, r, f in zip(metas, responses, finished, strict=True)
+        ]
+        return {"gold_score": sum(scores) / len(scores)}
+
+    return gold
+
+
+def run_eval(run: Run) -> None:
+    from chatrl.report import evaluate_run
+
+    cfg, out = run.cfg, run.stage_dir("eval")
+    if not cfg.world:
+        return  # no gold labeler: the report shows training curves only
+    prompts_path = _world_prompts(
+        cfg.eval.world_prompts, cfg.seed, "heldout", out / "prompts.jsonl"
+    )
+    write_json(out / "eval.json", evaluate_run(run.dir, prompts_path, cfg.eval, cfg.seed))
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Run], None]] = {
+    "model": run_model,
+    "sft": run_sft,
+    "sample": run_sample,
+    "label": run_label,
+    "rm": run_rm,
+    "ppo": run_ppo,
+    "eval": run_eval,
+}
+
+
+# ---------------------------------------------------------------- running
+
+
+def _file_digest(path: str | None) -> str | None:
+    if not path or not Path(path).is_file():
+        return path
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def stage_hash(cfg: RunConfig, stage: str, upstream: str) -> str:
+    """A hash of the stage's settings (and of the files they name) and of all upstream stages."""
+    section = getattr(cfg, stage).model_dump()
+    files = {
+        k: _file_digest(v) for k, v in section.items() if k in ("path", "text", "data", "prompts")
+    }
+    record = {"stage": stage, "seed": cfg.seed, "world": cfg.world, "section": section}
+    record |= {"files": files, "upstream": upstream}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    return load_json_file(path) if path.exists() else {}
+
+
+def run_pipeline(
+    config_path: str | Path, out: str | Path, from_stage: str | None = None
+) -> dict[str, Any]:
+    """Run (or resume) every stage; return the stage records and metrics. See the module doc."""
+    cfg = load_run_config(config_path)
+    if from_stage is not None and from_stage not in STAGES:
+        raise UserError(f"--from must be one of {', '.join(STAGES)}")
+    run = Run(cfg, Path(out))
+    run.dir.mkdir(parents=True, exist_ok=True)
+    if Path(config_path).resolve() != (run.dir / "config.toml").resolve():
+        shutil.copyfile(config_path, run.dir / "config.toml")  # the run holds what reproduces it
+    upstream, forced, records = "", False, {}
+    for stage in STAGES:
+        forced = forced or stage == from_stage
+        digest = stage_hash(cfg, stage, upstream)
+        state_path = run.dir / stage / "stage.json"
+        state = _read_state(state_path)
+        if state.get("hash") == digest and state.get("done") and not forced:
+            console.print(f"[green]✓[/] {stage}: done earlier ({state['seconds']:.0f} s), skipped")
+        else:
+            if state and (state.get("hash") != digest or forced):
+                shutil.rmtree(run.dir / stage)  # settings changed: start the stage afresh
+            elif state:
+                console.print(f"[yellow]↻[/] {stage}: resuming an interrupted run")
+            console.print(f"[bold]▶ {stage}[/]")
+            run.stage_dir(stage)
+            write_json(state_path, {"hash": digest, "done": False})
+            started = time.perf_counter()
+            STAGE_FUNCTIONS[stage](run)
+            seconds = time.perf_counter() - started + state.get("seconds_before", 0.0)
+            state = {"hash": digest, "done": True, "seconds": seconds, "metrics": run.metrics}
+            write_json(state_path, state)
+            run.metrics = {}
+            console.print(f"[green]✓[/] {stage}: {seconds:.0f} s")
+        records[stage] = state
+        upstream = digest
+    return records
