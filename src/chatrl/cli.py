@@ -132,6 +132,29 @@ def sample_cmd(
     typer.echo(f"{len(tasks)} tasks x {k} responses -> {out}")
 
 
+def _ppo_help() -> str:
+    from chatrl.config import PPOConfig
+
+    return _stage_help(
+        "Fine-tune the SFT policy with PPO against a reward model (stage 3): sampled responses "
+        "are scored by the reward model, less a KL penalty to the SFT model, and the policy "
+        "follows the clipped surrogate; a critic started from the reward model estimates "
+        "advantages. Writes the policy as a model directory; metrics.jsonl logs every update. "
+        "See docs/ppo.md.\n\n"
+        "Example: chatrl ppo --policy sft/ --reward rm/ --prompts prompts.jsonl --out ppo/",
+        PPOConfig,
+    )
+
+
+@app.command("ppo", context_settings=STAGE_SETTINGS, help=_ppo_help())
+def ppo_cmd(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    from chatrl.config import PPOConfig, load_stage, parse_overrides
+    from chatrl.train.ppo import train_ppo
+
+    cfg = load_stage(PPOConfig, config, "ppo", parse_overrides(ctx.args))
+    typer.echo(f"policy -> {train_ppo(cfg)}")
+
+
 class _TrainByDefault(typer.core.TyperGroup):
     """A command group whose `train` runs when no subcommand is named (`chatrl rm --model …`)."""
 

@@ -53,6 +53,68 @@ class LMConfig(StageConfig):
     resume: bool = Field(False, description="continue from the last checkpoint in --out")
 
 
+class PPOConfig(StageConfig):
+    """Settings of ``chatrl ppo`` (stage 3); docs/ppo.md gives the reasons for the defaults."""
+
+    policy: str = Field(description="SFT model directory: the starting policy and the reference")
+    reward: str = Field(description="reward model directory (from `chatrl rm`)")
+    prompts: str = Field(description="JSONL prompts to roll out on")
+    out: str = Field(description="output directory for the trained policy")
+    value_model: str | None = Field(
+        None, description="directory to start the critic from (default: the reward model)"
+    )
+    value_head: bool = Field(
+        False, description="value head on the policy instead of a separate critic (less memory)"
+    )
+    eval_prompts: str | None = Field(None, description="held-out JSONL prompts for evaluation")
+    eval_steps: int = Field(0, ge=0, description="evaluate every N updates (0: start and end)")
+    seed: int = Field(0, description="random seed (prompt order, sampling, mini-batches)")
+    rollout_batch_size: int = Field(64, gt=0, description="responses sampled per update")
+    samples_per_prompt: int = Field(1, gt=0, description="responses per prompt in a rollout")
+    num_ppo_epochs: int = Field(4, gt=0, description="passes over each rollout batch")
+    num_mini_batches: int = Field(2, gt=0, description="optimiser steps per PPO epoch")
+    learning_rate: float = Field(2e-5, gt=0, description="policy AdamW learning rate")
+    value_learning_rate: float = Field(1e-4, gt=0, description="critic AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="share of steps for linear warm-up")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    response_length: int = Field(48, gt=0, description="most tokens per sampled response")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of rollouts")
+    kl_coef: float = Field(0.05, ge=0, description="β: per-token KL penalty (initial if adaptive)")
+    adaptive_kl: bool = Field(False, description="adapt β to reach kl_target (Ziegler et al.)")
+    kl_target: float = Field(6.0, gt=0, description="adaptive β: target KL per response (nats)")
+    kl_horizon: int = Field(10000, gt=0, description="adaptive β: horizon in responses")
+    kl_budget: float | None = Field(
+        None, gt=0, description="stop when a rollout's mean KL to the SFT model exceeds this"
+    )
+    cliprange: float = Field(0.2, gt=0, description="PPO ratio clipping ε")
+    cliprange_value: float = Field(0.2, gt=0, description="value clipping around old values")
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount γ")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ")
+    missing_eos_penalty: float = Field(
+        1.0, ge=0, description="subtracted from the score of responses that never stop"
+    )
+    reject_truncated: bool = Field(
+        False, description="leave responses that never stop out of the update instead"
+    )
+    ptx_data: str | None = Field(
+        None, description="PPO-ptx: SFT conversations or text for the language-model loss"
+    )
+    ptx_coef: float = Field(0.2, ge=0, description="PPO-ptx: γ, weight of that loss")
+    ptx_batch_size: int = Field(8, gt=0, description="PPO-ptx: rows per mini-batch")
+    ptx_max_length: int = Field(256, gt=0, description="PPO-ptx: tokens per row")
+    num_train_epochs: float = Field(1.0, gt=0, description="passes over the prompts")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many updates")
+    bf16: bool = Field(False, description="bf16 autocast for the forward and backward passes")
+    use_peft: bool = Field(False, description="train LoRA adapters; reference = adapters off")
+    lora_r: int = Field(16, gt=0, description="LoRA rank")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    save_steps: int = Field(20, gt=0, description="checkpoint every N updates")
+    resume: bool = Field(False, description="continue from the last checkpoint in --out")
+
+
 class RMConfig(StageConfig):
     """Settings of the reward-model trainer (``chatrl rm``)."""
 

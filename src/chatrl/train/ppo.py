@@ -1,0 +1,813 @@
+"""PPO (stage 3): fine-tune the SFT policy against the reward model, as InstructGPT does.
+
+The objective (Ouyang et al. 2022, eq. 2), maximised over the policy π_φ:
+
+    objective(φ) = E_{(x,y) ~ π_φ} [ r_θ(x, y) − β log(π_φ(y|x) / π_SFT(y|x)) ]
+                 + γ_ptx E_{x ~ D_pretrain} [ log π_φ(x) ]
+
+One update of ``train_ppo``, top to bottom in this module:
+
+1. rollout (``collect_rollout``): sample responses y to a batch of prompts x with the
+   generation engine, which also returns log π_old(y_t) of every sampled token;
+2. rewards (``per_token_rewards``): the reward model scores (x, y); each response token gets
+   −β (log π_old(y_t) − log π_SFT(y_t)), the last one also gets the score — the first term of
+   eq. 2, spread over tokens;
+3. advantages (``gae``, ``whiten``): generalised advantage estimation with the critic's values;
+4. losses (``ppo_update``): epochs over mini-batches of the clipped surrogate (``policy_loss``),
+   the clipped value loss (``value_loss``) and, with PPO-ptx, the language-model loss (the
+   second term of eq. 2);
+5. KL control (``KLController``): β fixed, or adapted towards a target KL.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chatrl.chat_format import (
+    IGNORE_INDEX,
+    Encoded,
+    encode_conversation,
+    encode_prompt,
+    encode_text,
+    render,
+)
+from chatrl.config import PPOConfig
+from chatrl.data import Prompt, load_conversations, load_prompts, load_text, read_jsonl, write_json
+from chatrl.engine import Completion, Engine, SamplingParams
+from chatrl.errors import UserError
+from chatrl.models import load_causal_lm, load_reward_model, save_model
+from chatrl.train.loop import (
+    CHECKPOINT_DIR,
+    MetricsLog,
+    TrainerState,
+    global_batches,
+    load_checkpoint,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    progress_bar,
+    save_checkpoint,
+    seed_everything,
+    shard,
+)
+
+# rollout_metrics(prompt meta per response, response texts, stopped flags) -> {name: value}:
+# how a caller with a held-out signal (the bundled world's gold judge) adds it to every step.
+RolloutMetrics = Callable[[list[dict[str, Any]], list[str], list[bool]], dict[str, float]]
+
+
+# ---------------------------------------------------------------- forward passes
+
+
+def response_states(model: nn.Module, input_ids: torch.Tensor, index: torch.Tensor):
+    """The decoder's hidden states at the positions that predict each response token.
+
+    Rows are prompt + response from position 0, right-padded, with no attention mask: attention
+    is causal, so real tokens never see the padding after them (and SDPA keeps its fast path).
+    ``index[b, t]`` is the position whose output predicts response token t of row b.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    return hidden.gather(1, index[..., None].expand(-1, -1, hidden.size(-1)))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token], without materialising the whole log-softmax."""
+    return logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each categorical distribution given by ``logits``."""
+    return logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
+
+
+@torch.no_grad()
+def policy_logprobs(model, input_ids, index, tokens) -> torch.Tensor:
+    """log π(y_t) of every response token under a causal LM (the reference model)."""
+    states = response_states(model, input_ids, index)
+    return token_logprobs(model.get_output_embeddings()(states).float(), tokens)
+
+
+class ActorCritic(nn.Module):
+    """The trained pair: the policy π_φ and the value function V(s_t).
+
+    The critic is a separate model started from the reward model (InstructGPT), or — to save
+    memory — a linear value head on the policy's last hidden state. One module, so that one
+    forward goes through the DDP/FSDP wrapper that syncs both models' gradients.
+    """
+
+    def __init__(self, policy: nn.Module, critic: nn.Module | None):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+        self.value_head = nn.Linear(policy.config.hidden_size, 1) if critic is None else None
+
+    def values(self, input_ids, index) -> torch.Tensor:
+        """V(s_t) for every response token t: the state is the prompt and the tokens before t."""
+        if self.critic is None:
+            return self.value_head(response_states(self.policy, input_ids, index)).squeeze(-1)
+        return self.critic.score(response_states(self.critic, input_ids, index)).squeeze(-1)
+
+    def forward(self, input_ids, index, ptx_ids=None, ptx_labels=None):
+        """Policy logits and values at the response positions; the LM loss on ptx rows if any."""
+        states = response_states(self.policy, input_ids, index)
+        logits = self.policy.get_output_embeddings()(states).float()
+        if self.critic is None:
+            values = self.value_head(states).squeeze(-1)
+        else:
+            values = self.values(input_ids, index)
+        ptx_loss = None
+        if ptx_ids is not None:
+            hidden = self.policy.get_decoder()(input_ids=ptx_ids, use_cache=False)
+            targets = ptx_labels[:, 1:]
+            keep = targets != IGNORE_INDEX
+            head = self.policy.get_output_embeddings()
+            ptx_loss = F.cross_entropy(
+                head(hidden.last_hidden_state[:, :-1][keep]).float(), targets[keep]
+            )
+        return logits, values.float(), ptx_loss
+
+
+class RewardModel:
+    """The frozen reward model r_θ: normalised scores of (prompt, response) texts.
+
+    Scored as ``chatrl rm`` scores: the prompt with the response as its final assistant turn,
+    in the reward model's own chat rendering and tokenizer, at the last token; then
+    ``(raw − mean) / std`` with the normalisation stored in its config (0 ≈ the SFT model's
+    mean reward). Any ``AutoModelForSequenceClassification`` works, encoders included.
+    """
+
+    def __init__(self, path: str | Path, device: torch.device):
+        self.model, self.tokenizer = load_reward_model(path)
+        self.model.to(device).eval()
+        self.mean = float(getattr(self.model.config, "chatrl_reward_mean", 0.0))
+        self.std = float(getattr(self.model.config, "chatrl_reward_std", 1.0))
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
+        """Normalised scores, float32 [len(responses)] on the CPU."""
+        texts = [
+            render(self.tokenizer, [*p, {"role": "assistant", "content": r}])
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+        # Right padding: transformers scores a decoder at the last non-padding token.
+        batch = self.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
+        raw = self.model(**batch.to(self.model.device)).logits[:, 0].float().cpu()
+        return (raw - self.mean) / self.std
+
+
+# ---------------------------------------------------------------- rollout
+
+
+def pad_rows(rows: list[list[int]], fill: int) -> torch.Tensor:
+    """Right-pad lists of ints into a [len(rows), longest] tensor."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [fill] * (width - len(r)) for r in rows])
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses and what the PPO update needs of them.
+
+    ``input_ids`` [B, W]: prompt + response, right-padded. Every other tensor is per response
+    token [B, R] (R: the longest response): column t is response token t, predicted by the
+    output at position ``index[b, t]``; ``mask`` is 1 on the tokens that take part in the update.
+    """
+
+    input_ids: torch.Tensor
+    index: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor  # log π_old(y_t), from the engine's sampling pass
+    values: torch.Tensor  # V_old(s_t)
+    advantages: torch.Tensor  # whitened GAE advantages
+    returns: torch.Tensor  # GAE targets of the value function
+
+    def rows(self, selection: torch.Tensor) -> Rollout:
+        return Rollout(*(getattr(self, f.name)[selection] for f in fields(self)))
+
+
+def layout(prompt_ids: list[list[int]], completions: list[Completion], pad_id: int):
+    """Tensors of a rollout's token layout: input_ids, index, tokens, mask, logprobs."""
+    rows = [prompt_ids[c.prompt_index] + c.token_ids for c in completions]
+    input_ids = pad_rows(rows, pad_id)
+    tokens = pad_rows([c.token_ids for c in completions], pad_id)
+    lengths = torch.tensor([len(c.token_ids) for c in completions])
+    starts = torch.tensor([len(prompt_ids[c.prompt_index]) for c in completions])
+    steps = torch.arange(tokens.size(1))
+    mask = (steps < lengths[:, None]).float()
+    index = (starts[:, None] - 1 + steps).clamp(max=input_ids.size(1) - 1)
+    logprobs = torch.zeros(tokens.shape)
+    for b, c in enumerate(completions):
+        logprobs[b, : len(c.token_ids)] = c.model_logprobs
+    return input_ids, index, tokens, mask, logprobs
+
+
+def per_token_rewards(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+) -> torch.Tensor:
+    """InstructGPT eq. 2's first term as per-token rewards.
+
+    r_t = −β (log π_old(y_t) − log π_SFT(y_t)) for every response token (the k1 estimate of the
+    KL to the SFT model), plus the reward model's score on the response's last token.
+    """
+    rewards = -kl_coef * (logprobs - ref_logprobs) * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(scores)), last] += scores * (mask.sum(1) > 0)
+    return rewards
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16); returns A and R.
+
+    δ_t = r_t + γ V(s_{t+1}) − V(s_t),   A_t = Σ_l (γλ)^l δ_{t+l},   R_t = A_t + V(s_t).
+    The episode ends after a response's last token: the value beyond it is 0.
+    """
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        next_value = values[:, t + 1] if t + 1 < rewards.size(1) else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    return advantages * mask, (advantages + values) * mask
+
+
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor, all_reduce_sum: Callable | None = None
+) -> torch.Tensor:
+    """(x − mean) / std over the masked entries of the whole batch (every process's share)."""
+
+    def total(t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(t) if all_reduce_sum else t
+
+    count = total((mask.sum()).float())
+    mean = total((x * mask).sum()) / count
+    var = total((((x - mean) * mask) ** 2).sum()) / count
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+@dataclass
+class Models:
+    """Everything a rollout touches; the policy is updated in place by training."""
+
+    actor_critic: ActorCritic  # unwrapped (no DDP): rollouts need no gradients
+    reference: nn.Module | None  # None with LoRA: the policy with its adapters disabled
+    reward: RewardModel
+    tokenizer: Any
+    engine: Engine
+
+
+def reference_logprobs(models: Models, input_ids, index, tokens) -> torch.Tensor:
+    """log π_SFT(y_t): the frozen SFT model, or with LoRA the policy with adapters off."""
+    if models.reference is not None:
+        return policy_logprobs(models.reference, input_ids, index, tokens)
+    with models.actor_critic.policy.disable_adapter():
+        return policy_logprobs(models.actor_critic.policy, input_ids, index, tokens)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+@dataclass
+class Samples:
+    """Responses to a batch of prompts, scored: what rollouts and evaluation share."""
+
+    completions: list[Completion]
+    input_ids: torch.Tensor
+    index: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    scores: torch.Tensor  # normalised reward-model scores
+    stopped: torch.Tensor  # bool [B]: the response ended on its own
+    metrics: dict[str, float]
+    timings: dict[str, float]
+
+
+def sample_and_score(
+    models: Models,
+    prompts: list[Prompt],
+    prompt_ids: list[list[int]],
+    params: SamplingParams,
+    accelerator,
+    rollout_metrics: RolloutMetrics | None,
+) -> Samples:
+    """Generate ``params.n`` responses per prompt, score them, and take their log π_SFT."""
+    started = time.perf_counter()
+    completions = models.engine.generate(prompt_ids, params)
+    generated = time.perf_counter()
+    texts = [c.text for c in completions]
+    owners = [prompts[c.prompt_index] for c in completions]
+    stopped = torch.tensor([c.finish_reason == "stop" for c in completions])
+    with accelerator.autocast():
+        scores = models.reward.score([p.messages for p in owners], texts)
+    scored = time.perf_counter()
+    device = accelerator.device
+    input_ids, index, tokens, mask, logprobs = (
+        t.to(device) for t in layout(prompt_ids, completions, models.tokenizer.pad_token_id)
+    )
+    with accelerator.autocast():
+        ref_logprobs = reference_logprobs(models, input_ids, index, tokens)
+    kl = (logprobs - ref_logprobs) * mask
+    log_ratio = (ref_logprobs - logprobs) * mask
+    metrics = {
+        "rm_score": scores.mean().item(),
+        "kl": kl.sum(1).mean().item(),
+        "kl_k3": ((log_ratio.exp() - 1 - log_ratio) * mask).sum(1).mean().item(),
+        "response_length": mask.sum(1).mean().item(),
+        "stopped": stopped.float().mean().item(),
+    }
+    if rollout_metrics is not None:
+        metrics.update(rollout_metrics([p.meta for p in owners], texts, stopped.tolist()))
+    timings = {"generate": generated - started, "score": scored - generated}
+    timings["forward"] = time.perf_counter() - scored
+    return Samples(
+        completions,
+        input_ids,
+        index,
+        tokens,
+        mask,
+        logprobs,
+        ref_logprobs,
+        scores.to(device),
+        stopped.to(device),
+        metrics,
+        timings,
+    )
+
+
+def collect_rollout(
+    models: Models,
+    cfg: PPOConfig,
+    prompts: list[Prompt],
+    prompt_ids: list[list[int]],
+    kl_coef: float,
+    seed: int,
+    accelerator,
+    rollout_metrics: RolloutMetrics | None = None,
+) -> tuple[Rollout, dict[str, float], dict[str, float]]:
+    """Steps 1–3 of an update: sample, reward, and estimate advantages. Returns the rollout,
+    its metrics and its timings (seconds per phase)."""
+    params = SamplingParams(
+        max_new_tokens=cfg.response_length,
+        temperature=cfg.temperature,
+        n=cfg.samples_per_prompt,
+        seed=seed,
+    )
+    s = sample_and_score(models, prompts, prompt_ids, params, accelerator, rollout_metrics)
+    started = time.perf_counter()
+    with torch.no_grad(), accelerator.autocast():
+        values = models.actor_critic.values(s.input_ids, s.index).float()
+    s.timings["forward"] += time.perf_counter() - started
+
+    # Responses that never stop: a lower score (The N Implementation Details of RLHF with PPO,
+    # Huang et al. 2024), or no part in the update at all.
+    scores = s.scores - cfg.missing_eos_penalty * (~s.stopped).float()
+    mask = s.mask * s.stopped[:, None] if cfg.reject_truncated else s.mask
+    rewards = per_token_rewards(s.logprobs, s.ref_logprobs, scores, mask, kl_coef)
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    advantages = whiten(advantages, mask, lambda t: accelerator.reduce(t, "sum"))
+
+    residual = masked_variance(returns - values, mask)
+    metrics = {
+        **s.metrics,
+        "reward": (rewards.sum(1)).mean().item(),
+        "explained_variance": 1
+        - (residual / masked_variance(returns, mask).clamp(min=1e-8)).item(),
+    }
+    rollout = Rollout(
+        s.input_ids, s.index, s.tokens, mask, s.logprobs, values * mask, advantages, returns
+    )
+    return rollout, metrics, s.timings
+
+
+def masked_variance(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    return masked_mean((x - mean) ** 2, mask)
+
+
+# ---------------------------------------------------------------- losses
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped surrogate (Schulman et al. 2017, eq. 7) as a loss to minimise.
+
+    L = −E_t[min(ρ_t A_t, clip(ρ_t, 1 − ε, 1 + ε) A_t)],   ρ_t = π_φ(y_t) / π_old(y_t).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean((clipped > unclipped).float(), mask),
+            # k3 estimate of KL(π_old ‖ π_φ): how far this update moved the policy.
+            "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss: ½ E_t[max((V − R)², (clip(V, V_old ± ε_v) − R)²)]; and the share
+    of tokens where the clipped term won."""
+    clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    unclipped_loss = (values - returns) ** 2
+    clipped_loss = (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask)
+    return loss, masked_mean((clipped_loss > unclipped_loss).float(), mask).detach()
+
+
+# ---------------------------------------------------------------- PPO-ptx data
+
+
+def load_ptx_rows(path: str, tokenizer, max_length: int) -> list[Encoded]:
+    """PPO-ptx data: SFT conversations (assistant tokens are targets) or text (every token)."""
+    is_text = Path(path).suffix == ".txt" or "text" in next(read_jsonl(path))[1]
+    if is_text:
+        rows = [r for t in load_text(path) for r in encode_text(tokenizer, t, max_length)]
+    else:
+        rows = [encode_conversation(tokenizer, m, max_length) for m in load_conversations(path)]
+    rows = [r for r in rows if any(label != IGNORE_INDEX for label in r.labels[1:])]
+    if not rows:
+        raise UserError(f"{path}: no row has a token to learn from within {max_length} tokens")
+    return rows
+
+
+def ptx_batch(rows: list[Encoded], size: int, seed: int, pad_id: int, device):
+    """A random batch of PPO-ptx rows: input ids and labels, right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    picked = [rows[i] for i in torch.randint(len(rows), (size,), generator=g).tolist()]
+    return (
+        pad_rows([r.input_ids for r in picked], pad_id).to(device),
+        pad_rows([r.labels for r in picked], IGNORE_INDEX).to(device),
+    )
+
+
+# ---------------------------------------------------------------- the update
+
+
+def ppo_update(
+    actor_critic: nn.Module,
+    optimizers: list,
+    schedulers: list,
+    rollout: Rollout,
+    cfg: PPOConfig,
+    accelerator,
+    seed: int,
+    ptx_rows: list[Encoded] | None = None,
+    pad_id: int = 0,
+) -> dict[str, float]:
+    """Step 4: ``num_ppo_epochs`` passes over the rollout in ``num_mini_batches`` mini-batches,
+    one optimiser step each on the policy loss + vf_coef · value loss (+ γ_ptx · LM loss)."""
+    stats: dict[str, list[float]] = {}
+    size = rollout.tokens.size(0)
+    for epoch in range(cfg.num_ppo_epochs):
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch))
+        for m, rows in enumerate(order.chunk(cfg.num_mini_batches)):
+            mb = rollout.rows(rows.to(rollout.tokens.device))
+            ptx = {}
+            if ptx_rows:
+                mb_seed = seed + 1 + epoch * cfg.num_mini_batches + m
+                ids, labels = ptx_batch(
+                    ptx_rows, cfg.ptx_batch_size, mb_seed, pad_id, mb.tokens.device
+                )
+                ptx = {"ptx_ids": ids, "ptx_labels": labels}
+            with accelerator.autocast():
+                logits, values, ptx_loss = actor_critic(mb.input_ids, mb.index, **ptx)
+            logprobs = token_logprobs(logits, mb.tokens)
+            pg_loss, pg_stats = policy_loss(
+                logprobs, mb.logprobs, mb.advantages, mb.mask, cfg.cliprange
+            )
+            vf_loss, vf_clip_frac = value_loss(
+                values, mb.values, mb.returns, mb.mask, cfg.cliprange_value
+            )
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            if ptx_loss is not None:
+                loss = loss + cfg.ptx_coef * ptx_loss
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(actor_critic.parameters(), cfg.max_grad_norm)
+            for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                step_stats = {
+                    "policy_loss": pg_loss,
+                    "value_loss": vf_loss,
+                    "value_clip_frac": vf_clip_frac,
+                    "entropy": masked_mean(entropy(logits), mb.mask),
+                    "grad_norm": grad_norm,
+                    **pg_stats,
+                }
+                if ptx_loss is not None:
+                    step_stats["ptx_loss"] = ptx_loss
+            for key, value in step_stats.items():
+                stats.setdefault(key, []).append(float(value.detach()))
+    return {key: sum(v) / len(v) for key, v in stats.items()}
+
+
+@dataclass
+class KLController:
+    """β of the KL penalty: fixed, or adaptive (Ziegler et al. 2019, §2.2):
+
+    e_t = clip(KL_t / KL_target − 1, −0.2, 0.2),   β_{t+1} = β_t (1 + K_β e_t),  K_β = n / horizon
+
+    with n the responses in the batch: β rises while the policy drifts beyond the target KL and
+    falls while it stays within.
+    """
+
+    value: float
+    target: float | None = None
+    horizon: int = 10000
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n / self.horizon
+
+
+# ---------------------------------------------------------------- the training run
+
+
+def process_mean(accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over processes."""
+    if accelerator.num_processes == 1:
+        return metrics
+    values = torch.tensor(list(metrics.values()), device=accelerator.device)
+    return dict(zip(metrics, accelerator.reduce(values, "mean").tolist(), strict=True))
+
+
+def evaluate(
+    models: Models,
+    cfg: PPOConfig,
+    prompts: list[Prompt],
+    prompt_ids: list[list[int]],
+    accelerator,
+    rollout_metrics: RolloutMetrics | None,
+) -> dict[str, float]:
+    """RM score, KL to the SFT model and the caller's metrics on held-out prompts (one
+    sample each, same seed every time, so evaluations differ by the policy alone)."""
+    totals: dict[str, float] = {}
+    batches = range(0, len(prompts), cfg.rollout_batch_size)
+    for start in batches:
+        chunk = slice(start, start + cfg.rollout_batch_size)
+        params = SamplingParams(
+            max_new_tokens=cfg.response_length, temperature=cfg.temperature, seed=cfg.seed + start
+        )
+        s = sample_and_score(
+            models, prompts[chunk], prompt_ids[chunk], params, accelerator, rollout_metrics
+        )
+        for key, value in s.metrics.items():
+            totals[key] = totals.get(key, 0.0) + value * len(s.completions)
+    means = {f"eval_{k}": v / len(prompts) for k, v in totals.items()}
+    return process_mean(accelerator, means)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout would make log π differ between the rollout and the update (ratio ≠ 1)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def add_lora(model, cfg: PPOConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def load_critic(cfg: PPOConfig, tokenizer) -> nn.Module | None:
+    """The value model, started from the reward model (or --value-model); None for a head."""
+    if cfg.value_head:
+        if cfg.value_model is not None:
+            raise UserError("value_head and value_model exclude each other: choose one critic")
+        return None
+    critic, critic_tokenizer = load_reward_model(cfg.value_model or cfg.reward)
+    if critic_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise UserError(
+            f"{cfg.value_model or cfg.reward}: the critic reads the policy's tokens, but its "
+            "tokenizer differs from the policy's; pass --value-head to use a value head instead"
+        )
+    return critic
+
+
+def check_batch_shape(cfg: PPOConfig, num_processes: int) -> int:
+    """Prompts per update, after checking that the batch splits evenly."""
+    if cfg.rollout_batch_size % cfg.samples_per_prompt:
+        raise UserError(
+            f"rollout_batch_size={cfg.rollout_batch_size} is not a multiple of "
+            f"samples_per_prompt={cfg.samples_per_prompt}"
+        )
+    per_update = cfg.rollout_batch_size // cfg.samples_per_prompt
+    if per_update % num_processes:
+        raise UserError(
+            f"{per_update} prompts per update do not split over {num_processes} processes"
+        )
+    local = cfg.rollout_batch_size // num_processes
+    if local % cfg.num_mini_batches:
+        raise UserError(
+            f"{local} responses per process do not split into "
+            f"num_mini_batches={cfg.num_mini_batches}"
+        )
+    return per_update
+
+
+def train_ppo(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> Path:
+    """Train the policy with PPO against the reward model; write it to ``cfg.out``.
+
+    ``rollout_metrics`` (optional) is called on every rollout and evaluation with the prompts'
+    ``meta``, the response texts and whether each stopped; its numbers are logged beside the
+    reward-model score (e.g. a gold score, to see reward-model over-optimisation).
+    """
+    out = Path(cfg.out)
+    if (out / CHECKPOINT_DIR).exists() and not cfg.resume:
+        raise UserError(
+            f"{out} holds a checkpoint of an unfinished run; pass --resume to continue it, "
+            "or choose another --out"
+        )
+    accelerator = make_accelerator(cfg.bf16)
+    seed_everything(cfg.seed, accelerator.process_index)
+    per_update = check_batch_shape(cfg, accelerator.num_processes)
+
+    policy, tokenizer = load_causal_lm(cfg.policy)
+    reference = None
+    if cfg.use_peft:
+        policy = add_lora(policy, cfg)
+    else:
+        reference, _ = load_causal_lm(cfg.policy)
+        reference.requires_grad_(False)
+        reference.to(accelerator.device).eval()
+    critic = load_critic(cfg, tokenizer)
+    for model in (policy, critic):
+        if model is not None:
+            disable_dropout(model)
+    prompts = load_prompts(cfg.prompts)
+    prompt_ids = [encode_prompt(tokenizer, p.messages) for p in prompts]
+    eval_prompts = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
+    eval_ids = [encode_prompt(tokenizer, p.messages) for p in eval_prompts]
+    ptx_rows = load_ptx_rows(cfg.ptx_data, tokenizer, cfg.ptx_max_length) if cfg.ptx_data else None
+
+    schedule = [
+        batch
+        for batch in global_batches(len(prompts), per_update, cfg.seed, cfg.num_train_epochs)
+        if len(batch) == per_update  # a short last batch would unbalance processes
+    ][: cfg.max_steps]
+    if not schedule:
+        raise UserError(
+            f"{cfg.prompts}: {len(prompts)} prompts, fewer than one update's {per_update}"
+        )
+
+    actor_critic = ActorCritic(policy, critic)
+    value_params = critic if critic is not None else actor_critic.value_head
+    updates = len(schedule) * cfg.num_ppo_epochs * cfg.num_mini_batches
+    optimizers = [
+        make_optimizer(actor_critic.policy, cfg.learning_rate, cfg.weight_decay),
+        make_optimizer(value_params, cfg.value_learning_rate, cfg.weight_decay),
+    ]
+    schedulers = [make_scheduler(o, updates, cfg.warmup_ratio) for o in optimizers]
+    prepared, *optimizers = accelerator.prepare(actor_critic, *optimizers)
+    for scheduler in schedulers:
+        accelerator.register_for_checkpointing(scheduler)
+
+    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
+    state = (load_checkpoint(accelerator, out) if cfg.resume else None) or TrainerState()
+    log.truncate_after(state.step)
+    kl_ctl = KLController(
+        (state.extra or {}).get("kl_coef", cfg.kl_coef),
+        cfg.kl_target if cfg.adaptive_kl else None,
+        cfg.kl_horizon,
+    )
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "train_config.json", {"stage": "ppo", **cfg.model_dump()})
+
+    unwrapped = accelerator.unwrap_model(prepared)
+    engine = Engine(unwrapped.policy, tokenizer, max_batch_size=cfg.rollout_batch_size)
+    models = Models(
+        unwrapped, reference, RewardModel(cfg.reward, accelerator.device), tokenizer, engine
+    )
+    my_eval = shard(list(range(len(eval_prompts))), accelerator)
+
+    def run_eval(step: int) -> None:
+        if eval_prompts:
+            log.log(
+                step,
+                **evaluate(
+                    models,
+                    cfg,
+                    [eval_prompts[i] for i in my_eval],
+                    [eval_ids[i] for i in my_eval],
+                    accelerator,
+                    rollout_metrics,
+                ),
+            )
+
+    if state.step == 0:
+        run_eval(0)
+    prepared.train()
+    done = state.step
+    with progress_bar(accelerator.is_main_process) as bar:
+        task = bar.add_task("ppo", total=len(schedule), completed=state.step, info="")
+        for step in range(state.step, len(schedule)):
+            mine = shard(schedule[step], accelerator)
+            step_seed = (cfg.seed * 1_000_003 + step) * accelerator.num_processes
+            step_seed += accelerator.process_index
+            rollout, metrics, timings = collect_rollout(
+                models,
+                cfg,
+                [prompts[i] for i in mine],
+                [prompt_ids[i] for i in mine],
+                kl_ctl.value,
+                step_seed,
+                accelerator,
+                rollout_metrics,
+            )
+            metrics = process_mean(accelerator, metrics)
+            if cfg.kl_budget is not None and metrics["kl"] > cfg.kl_budget:
+                # Over-optimisation guard: this policy already drifted past the budget; stop
+                # here rather than push it further (docs/ppo.md).
+                log.log(step, **metrics, stopped_on_kl_budget=1.0)
+                break
+            started = time.perf_counter()
+            metrics.update(
+                ppo_update(
+                    prepared,
+                    optimizers,
+                    schedulers,
+                    rollout,
+                    cfg,
+                    accelerator,
+                    step_seed * 31,
+                    ptx_rows,
+                    tokenizer.pad_token_id,
+                )
+            )
+            timings["train"] = time.perf_counter() - started
+            metrics = process_mean(accelerator, metrics)
+            metrics["kl_coef"] = kl_ctl.value
+            kl_ctl.update(metrics["kl"], cfg.rollout_batch_size)
+            total_time = sum(timings.values())
+            metrics["samples_per_s"] = cfg.rollout_batch_size / total_time
+            metrics["learning_rate"] = schedulers[0].get_last_lr()[0]
+            metrics.update({f"time_{k}": v for k, v in timings.items()})
+
+            done = step + 1
+            log.log(done, **metrics)
+            info = f"rm {metrics['rm_score']:+.3f}  kl {metrics['kl']:.2f}  "
+            info += f"stop {metrics['stopped']:.0%}  {metrics['samples_per_s']:.1f} samples/s"
+            bar.update(task, completed=done, info=info)
+            if cfg.eval_steps and done % cfg.eval_steps == 0 and done < len(schedule):
+                run_eval(done)
+            if done % cfg.save_steps == 0 and done < len(schedule):
+                extra = {"kl_coef": kl_ctl.value}
+                save_checkpoint(
+                    accelerator, out, TrainerState(done, extra), accelerator.num_processes
+                )
+
+    run_eval(done)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_model(unwrapped.policy, tokenizer, out)
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return out

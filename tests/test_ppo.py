@@ -1,0 +1,433 @@
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import arithmetic_lines, write_sft
+from safetensors.torch import load_file
+
+from chatrl.config import LMConfig, PPOConfig
+from chatrl.data import load_prompts
+from chatrl.engine import Engine, SamplingParams
+from chatrl.models import init_model, load_causal_lm, load_reward_model, save_model
+from chatrl.train import ppo
+from chatrl.train.lm import train_lm
+from chatrl.train.ppo import (
+    ActorCritic,
+    KLController,
+    Models,
+    RewardModel,
+    collect_rollout,
+    gae,
+    per_token_rewards,
+    policy_loss,
+    reference_logprobs,
+    sample_and_score,
+    token_logprobs,
+    train_ppo,
+    value_loss,
+    whiten,
+)
+from chatrl.train.reward import RewardScorer
+
+
+def write_prompts(path, n, seed=0):
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for i in range(n):
+            question = f"What is {rng.randint(0, 4)} + {rng.randint(0, 4)}?"
+            record = {"messages": [{"role": "user", "content": question}], "meta": {"id": i}}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(micro_model, tmp_path_factory):
+    """A micro policy, a reward model (and critic) started from it, and prompts."""
+    root = tmp_path_factory.mktemp("ppo")
+    rm, tok = load_reward_model(micro_model)
+    rm.config.chatrl_reward_mean, rm.config.chatrl_reward_std = 0.25, 2.0
+    save_model(rm, tok, root / "rm")
+    return {
+        "policy": str(micro_model),
+        "reward": str(root / "rm"),
+        "prompts": str(write_prompts(root / "prompts.jsonl", 64)),
+    }
+
+
+def build_models(setup, cfg: PPOConfig) -> Models:
+    policy, tok = load_causal_lm(setup["policy"])
+    reference = None
+    if cfg.use_peft:
+        policy = ppo.add_lora(policy, cfg)
+    else:
+        reference = load_causal_lm(setup["policy"])[0].eval()
+    critic = ppo.load_critic(cfg, tok)
+    actor_critic = ActorCritic(policy, critic)
+    reward = RewardModel(setup["reward"], torch.device("cpu"))
+    return Models(actor_critic, reference, reward, tok, Engine(policy, tok))
+
+
+def ppo_config(setup, tmp_path, **overrides) -> PPOConfig:
+    values = dict(
+        rollout_batch_size=8,
+        num_mini_batches=2,
+        num_ppo_epochs=2,
+        response_length=12,
+        max_steps=3,
+        out=str(tmp_path / "out"),
+    )
+    return PPOConfig(**{**setup, **values, **overrides})
+
+
+class NoAccelerate:
+    """The two Accelerator methods rollouts use, for one CPU process."""
+
+    device = torch.device("cpu")
+
+    def autocast(self):
+        return torch.autocast("cpu", enabled=False)
+
+    def reduce(self, tensor, reduction):
+        return tensor
+
+
+# ---------------------------------------------------------------- the math, by hand
+
+
+def test_gae_matches_hand_computed_values():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4], [0.1, 0.3, 9.9]])  # 9.9: past the end, ignored
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # Row 0: δ = (−0.3, 0.2, 0.6); A2 = 0.6, A1 = 0.2 + 0.95·0.6, A0 = −0.3 + 0.95·A1.
+    # Row 1 ends after two tokens: δ = (0.2, 1.7); A1 = 1.7, A0 = 0.2 + 0.95·1.7.
+    expected = torch.tensor([[0.4315, 0.77, 0.6], [1.815, 1.7, 0.0]])
+    assert torch.allclose(advantages, expected, atol=1e-6)
+    assert torch.allclose(returns, torch.tensor([[0.9315, 0.97, 1.0], [1.915, 2.0, 0.0]]))
+
+    # γ < 1 discounts both the next value and the running sum.
+    advantages, _ = gae(rewards[:1], values[:1], mask[:1], gamma=0.9, lam=0.5)
+    # δ = (0.9·0.2 − 0.5, 0.9·0.4 − 0.2, 1 − 0.4) = (−0.32, 0.16, 0.6); γλ = 0.45.
+    assert torch.allclose(advantages, torch.tensor([[-0.1265, 0.43, 0.6]]), atol=1e-6)
+
+
+def test_whitening_uses_only_response_tokens():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    # Valid entries 1, 2, 3, 4: mean 2.5, variance 1.25.
+    expected = torch.tensor([[-1.5, -0.5, 0.5], [1.5, 0.0, 0.0]]) / math.sqrt(1.25)
+    assert torch.allclose(whiten(x, mask), expected, atol=1e-5)
+    # Across processes: the statistics are of the whole batch, whatever each process holds.
+    doubled = whiten(x, mask, all_reduce_sum=lambda t: 2 * t)
+    assert torch.allclose(doubled, expected, atol=1e-5)
+
+
+def test_rewards_are_the_kl_penalty_plus_the_score_on_the_last_token():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -3.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rewards = per_token_rewards(logprobs, ref, torch.tensor([3.0, -1.0]), mask, kl_coef=0.1)
+    # −0.1·(logπ − logπ_SFT) per token; score added at each row's last real token.
+    expected = torch.tensor([[-0.05, 0.1, 3.0], [-0.1, -0.2 - 1.0, 0.0]])
+    assert torch.allclose(rewards, expected, atol=1e-6)
+
+
+def test_clipped_surrogate_and_value_losses_match_hand_computed_values():
+    old = torch.zeros(1, 4)
+    new = torch.tensor([[0.5, 0.5, -0.5, -0.5]])
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    mask = torch.ones(1, 4)
+    loss, stats = policy_loss(new, old, advantages, mask, cliprange=0.2)
+    up, down = math.exp(0.5), math.exp(-0.5)
+    # The pessimistic (larger-loss) term of each pair: clipped only where clipping lowers the
+    # objective, i.e. ratio 1.649 with A > 0 (→ 1.2) and ratio 0.607 with A < 0 (→ 0.8).
+    terms = [-1.2, up, -down, 0.8]
+    assert loss.item() == pytest.approx(sum(terms) / 4, abs=1e-6)
+    assert stats["clip_frac"].item() == pytest.approx(0.5)
+
+    values = torch.tensor([[1.0, 0.0]])
+    old_values = torch.tensor([[0.5, 0.0]])
+    returns = torch.tensor([[2.0, 0.1]])
+    vf, clip_frac = value_loss(values, old_values, returns, torch.ones(1, 2), cliprange_value=0.2)
+    # Token 0: V moved 0.5 from V_old; clipped to 0.7 → (0.7 − 2)² = 1.69 beats (1 − 2)² = 1.
+    assert vf.item() == pytest.approx(0.5 * (1.69 + 0.01) / 2, abs=1e-6)
+    assert clip_frac.item() == pytest.approx(0.5)
+
+
+def test_adaptive_kl_controller_follows_ziegler_et_al():
+    ctl = KLController(0.1, target=6.0, horizon=10000)
+    ctl.update(kl=12.0, n=64)  # error clipped to +0.2
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
+    ctl = KLController(0.1, target=6.0, horizon=10000)
+    ctl.update(kl=6.6, n=64)  # error 0.1
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.1 * 64 / 10000))
+    ctl = KLController(0.1, target=6.0, horizon=10000)
+    ctl.update(kl=0.0, n=64)  # error clipped to −0.2
+    assert ctl.value == pytest.approx(0.1 * (1 - 0.2 * 64 / 10000))
+    fixed = KLController(0.1)
+    fixed.update(kl=100.0, n=64)
+    assert fixed.value == 0.1
+
+
+# ---------------------------------------------------------------- rollouts on a real model
+
+
+def test_rewards_are_scored_as_the_reward_stage_scores(setup):
+    prompts = [p.messages for p in load_prompts(setup["prompts"])[:6]]
+    responses = ["The answer is 4.", "", "cat " * 40, "The answer", "7", "no"]
+    ours = RewardModel(setup["reward"], torch.device("cpu")).score(prompts, responses)
+    theirs = RewardScorer(setup["reward"], device="cpu").score(prompts, responses)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    raw = RewardScorer(setup["reward"], device="cpu").score(prompts, responses, raw=True)
+    assert torch.allclose(ours, (raw - 0.25) / 2.0, atol=1e-5)  # the stored normalisation
+
+
+def test_kl_penalty_is_zero_when_the_policy_is_the_reference(setup, tmp_path):
+    cfg = ppo_config(setup, tmp_path)
+    models = build_models(setup, cfg)
+    prompts = load_prompts(setup["prompts"])[:8]
+    ids = [ppo.encode_prompt(models.tokenizer, p.messages) for p in prompts]
+    s = sample_and_score(models, prompts, ids, SamplingParams(12, seed=1), NoAccelerate(), None)
+    assert (s.logprobs - s.ref_logprobs).mul(s.mask).abs().max() < 1e-4
+    rewards = per_token_rewards(s.logprobs, s.ref_logprobs, s.scores, s.mask, kl_coef=0.5)
+    assert torch.allclose(rewards.sum(1), s.scores, atol=1e-4)
+    assert abs(s.metrics["kl"]) < 1e-3 and abs(s.metrics["kl_k3"]) < 1e-6
+
+
+def test_ratio_is_one_on_the_first_mini_batch(setup, tmp_path):
+    """The engine's log-probs (KV-cached decoding) equal the training forward's."""
+    cfg = ppo_config(setup, tmp_path, samples_per_prompt=2)
+    models = build_models(setup, cfg)
+    prompts = load_prompts(setup["prompts"])[:4]
+    ids = [ppo.encode_prompt(models.tokenizer, p.messages) for p in prompts]
+    rollout, _, _ = collect_rollout(models, cfg, prompts, ids, 0.05, 3, NoAccelerate())
+    first = rollout.rows(torch.randperm(8)[:4])
+    logits, values, _ = models.actor_critic(first.input_ids, first.index)
+    log_ratio = (token_logprobs(logits, first.tokens) - first.logprobs) * first.mask
+    assert log_ratio.abs().max() < 1e-5
+    # ... and the critic's values are those the advantages were computed with.
+    assert ((values - first.values) * first.mask).abs().max() < 1e-5
+
+
+def test_ptx_loss_is_the_language_model_loss(setup, tmp_path):
+    cfg = ppo_config(setup, tmp_path)
+    models = build_models(setup, cfg)
+    data = write_sft(tmp_path / "sft.jsonl", 16)
+    rows = ppo.load_ptx_rows(str(data), models.tokenizer, 64)
+    ids, labels = ppo.ptx_batch(rows, 4, 0, models.tokenizer.pad_token_id, "cpu")
+    dummy = torch.zeros(4, 1, dtype=torch.long)
+    _, _, ptx_loss = models.actor_critic(ids, dummy, ptx_ids=ids, ptx_labels=labels)
+    expected = models.actor_critic.policy(input_ids=ids, labels=labels).loss
+    assert ptx_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def metrics_of(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lora_value_head_run_keeps_the_sft_model_as_reference(setup, tmp_path):
+    cfg = ppo_config(
+        setup, tmp_path, use_peft=True, value_head=True, learning_rate=5e-3, max_steps=2
+    )
+    seen = []
+
+    def hook(meta, responses, stopped):
+        seen.append(len(responses))
+        return {"meta_id": sum(m["id"] for m in meta) / len(meta)}
+
+    out = train_ppo(cfg, rollout_metrics=hook)
+    log = metrics_of(out)
+    assert [r["step"] for r in log] == [1, 2] and seen == [8, 8]
+    for key in [
+        "rm_score",
+        "kl",
+        "kl_k3",
+        "policy_loss",
+        "value_loss",
+        "clip_frac",
+        "approx_kl",
+        "entropy",
+        "explained_variance",
+        "response_length",
+        "stopped",
+        "meta_id",
+    ]:
+        assert all(math.isfinite(r[key]) for r in log), key
+    trained, _ = load_causal_lm(out)  # LoRA merged into a plain model directory
+    sft, _ = load_causal_lm(setup["policy"])
+    moved = max(
+        (a - b).abs().max() for a, b in zip(trained.parameters(), sft.parameters(), strict=True)
+    )
+    assert moved > 0
+    assert not (out / "checkpoint").exists()
+
+
+def test_reference_with_lora_is_the_policy_with_adapters_off(setup, tmp_path):
+    cfg = ppo_config(setup, tmp_path, use_peft=True)
+    models = build_models(setup, cfg)
+    with torch.no_grad():
+        for name, p in models.actor_critic.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # adapters now change the policy
+    prompts = load_prompts(setup["prompts"])[:4]
+    ids = [ppo.encode_prompt(models.tokenizer, p.messages) for p in prompts]
+    s = sample_and_score(models, prompts, ids, SamplingParams(8, seed=1), NoAccelerate(), None)
+    sft, _ = load_causal_lm(setup["policy"])
+    expected = ppo.policy_logprobs(sft, s.input_ids, s.index, s.tokens)
+    got = reference_logprobs(models, s.input_ids, s.index, s.tokens)
+    assert ((got - expected) * s.mask).abs().max() < 1e-5
+    assert ((s.logprobs - expected) * s.mask).abs().max() > 1e-2
+
+
+def test_kl_budget_stops_the_run(setup, tmp_path):
+    cfg = ppo_config(setup, tmp_path, learning_rate=3e-3, kl_coef=0.0, kl_budget=0.5, max_steps=12)
+    out = train_ppo(cfg)
+    log = metrics_of(out)
+    stop = [r for r in log if r.get("stopped_on_kl_budget")]
+    assert len(stop) == 1 and stop[0]["kl"] > 0.5
+    assert all(r["kl"] <= 0.5 for r in log if not r.get("stopped_on_kl_budget"))
+    assert stop[0]["step"] < 12 and (out / "model.safetensors").exists()
+
+
+def test_cli_errors_are_one_line(setup, tmp_path):
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chatrl",
+            "ppo",
+            "--policy",
+            setup["policy"],
+            "--reward",
+            setup["reward"],
+            "--prompts",
+            setup["prompts"],
+            "--out",
+            str(tmp_path / "o"),
+            "--rollout-batch-size",
+            "6",
+            "--samples-per-prompt",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2
+    assert "not a multiple of samples_per_prompt=4" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(setup, tmp_path):
+    args = [
+        "ppo",
+        "--policy",
+        setup["policy"],
+        "--reward",
+        setup["reward"],
+        "--prompts",
+        setup["prompts"],
+        "--rollout-batch-size",
+        8,
+        "--response-length",
+        12,
+        "--max-steps",
+        8,
+        "--save-steps",
+        2,
+        "--adaptive-kl",
+        "--kl-target",
+        0.01,
+    ]
+
+    def chatrl(*extra, check=True):
+        return subprocess.run(
+            [sys.executable, "-m", "chatrl", *map(str, args), *map(str, extra)],
+            capture_output=True,
+            text=True,
+            check=check,
+        )
+
+    chatrl("--out", tmp_path / "straight")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatrl", *map(str, args), "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (out / "checkpoint" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert 0 < state["step"] < 8 and not (out / "model.safetensors").exists()
+    assert state["extra"]["kl_coef"] != 0.05  # the adaptive β is part of the checkpoint
+
+    refused = chatrl("--out", out, check=False)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    chatrl("--out", out, "--resume")
+
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(out / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    straight, resumed = metrics_of(tmp_path / "straight"), metrics_of(out)
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, 9))
+    assert [r["kl_coef"] for r in resumed] == [r["kl_coef"] for r in straight]
+
+
+@pytest.mark.slow
+def test_ppo_raises_a_synthetic_reward_with_bounded_kl(tmp_path, monkeypatch):
+    """+1 for responses that contain the word "is": PPO on the tiny preset learns to say it."""
+    base = init_model("tiny", arithmetic_lines(400), tmp_path / "base")
+    sft = train_lm(
+        LMConfig(
+            model=str(base),
+            data=str(write_sft(tmp_path / "sft.jsonl", 400)),
+            out=str(tmp_path / "sft"),
+            max_steps=20,
+            learning_rate=3e-3,
+            max_length=64,
+        ),
+        "sft",
+    )
+
+    class WordReward:
+        def __init__(self, path, device):
+            pass
+
+        def score(self, prompts, responses):
+            return torch.tensor([float(bool(re.search(r"\bis\b", r))) for r in responses])
+
+    monkeypatch.setattr(ppo, "RewardModel", WordReward)
+    cfg = PPOConfig(
+        policy=str(sft),
+        reward=str(sft),
+        value_head=True,
+        prompts=str(write_prompts(tmp_path / "prompts.jsonl", 256)),
+        out=str(tmp_path / "ppo"),
+        rollout_batch_size=32,
+        num_mini_batches=1,
+        num_ppo_epochs=2,
+        response_length=12,
+        learning_rate=1e-3,
+        num_train_epochs=4,
+        max_steps=20,
+    )
+    log = metrics_of(train_ppo(cfg))
+    trajectory = [(round(r["rm_score"], 2), round(r["kl"], 2)) for r in log]
+    first = sum(r["rm_score"] for r in log[:5]) / 5
+    last = sum(r["rm_score"] for r in log[-5:]) / 5
+    assert last > first + 0.25, trajectory
+    assert max(r["kl"] for r in log) < 15, trajectory
