@@ -234,18 +234,18 @@ def test_stream_yields_the_generated_text_and_stops_when_closed(llama):
     model, tokenizer = llama
     engine = Engine(model, tokenizer)
     prompt = encode(tokenizer, PROMPTS[:1])[0]
-    free = no_stops(model, tokenizer).generate([prompt], SamplingParams(max_new_tokens=24, seed=3))[
-        0
-    ]
-    stop = free.text[10:13]
+    free = no_stops(model, tokenizer).generate([prompt], SamplingParams(max_new_tokens=24, seed=3))
+    stop = free[0].text[10:13]
     params = SamplingParams(max_new_tokens=24, seed=3, stop=[stop])
-    deltas = list(engine.stream(prompt, params))
+    stream, deltas = engine.stream(prompt, params), []
+    with pytest.raises(StopIteration) as finished:
+        while True:
+            deltas.append(next(stream))
     assert len(deltas) > 1
-    assert (
-        "".join(deltas)
-        == engine.generate([prompt], params)[0].text
-        == free.text[: free.text.find(stop)]
-    )
+    expected = engine.generate([prompt], params)[0]
+    assert "".join(deltas) == expected.text == free[0].text[: free[0].text.find(stop)]
+    streamed = finished.value.value  # the generator returns its Completion
+    assert (streamed.token_ids, streamed.finish_reason) == (expected.token_ids, "stop")
 
     model.train()
     stream = engine.stream(prompt, SamplingParams(max_new_tokens=24, seed=3))

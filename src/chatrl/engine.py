@@ -23,10 +23,12 @@ PPO's ratio needs).
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from chatrl.chat_format import encode_prompt, stop_token_ids
@@ -201,6 +203,36 @@ def sample(
     return tokens[:, 0], logp.gather(-1, tokens)[:, 0], model_logp.gather(-1, tokens)[:, 0]
 
 
+# Architectures whose decoder layer is Llama's (pre-norm, rotary, q/k/v/o projections, gated
+# MLP): their decode steps skip the generic forward's per-call machinery (``_llama_decode``).
+LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def _llama_decode(lm, input_ids, mask, position_ids, cache) -> torch.Tensor:
+    """One decode step of a Llama-like model: the model's own modules in the order its forward
+    calls them, minus the mask construction, output capturing and keyword plumbing that cost as
+    much as the arithmetic for small models. Returns the last position's logits."""
+    inner = lm.model
+    hidden = inner.embed_tokens(input_ids)
+    cos, sin = inner.rotary_emb(hidden, position_ids)
+    rows = hidden.shape[0]
+    for i, layer in enumerate(inner.layers):
+        attn = layer.self_attn
+        apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        x = layer.input_layernorm(hidden)
+        q = attn.q_proj(x).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, k, cos, sin)
+        k, v = cache.update(k, v, i)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=attn.num_key_value_groups > 1
+        )
+        hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return lm.lm_head(inner.norm(hidden[:, -1]))
+
+
 def _context_length(config) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
@@ -299,7 +331,11 @@ class _Batch:
         slot = self.prompt_len + self.steps - 1
         self.bias[:, slot] = 0
         mask = self.bias[:, None, None, : slot + 1]
-        logits = self._forward(self.last_tokens[:, None], mask, self.positions)
+        if self.engine.llama_like:
+            inputs = (self.last_tokens[:, None], mask, self.positions, self.cache)
+            logits = _llama_decode(self.engine.base_model, *inputs)
+        else:
+            logits = self._forward(self.last_tokens[:, None], mask, self.positions)
         self.positions = self.positions + 1
         self._record(*sample(logits, self.params, self.generator))
 
@@ -382,6 +418,9 @@ class Engine:
                 f"the engine supports sdpa and eager attention, not {implementation!r}; "
                 "load the model with attn_implementation='sdpa'"
             )
+        unwrapped = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.llama_like = type(unwrapped).__name__ in LLAMA_LIKE
+        self.base_model = unwrapped
 
     @property
     def config(self):
