@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from chatrl.data import load_tasks
+from chatrl.data import load_prompts, load_tasks
 from chatrl.engine import SamplingParams
 from chatrl.errors import UserError
-from chatrl.sample import sample_tasks
+from chatrl.sample import MAX_REDRAWS, distinct_tasks, sample_tasks
 
 PROMPTS = [
     {"messages": [{"role": "user", "content": "What is 2 plus 3?"}], "meta": {"family": "sum"}},
@@ -51,14 +51,24 @@ def test_sample_writes_k_distinct_responses_per_prompt(micro_model, prompts_file
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
-def test_repeats_that_survive_redraws_are_marked(micro_model, prompts_file, tmp_path):
-    # Greedy decoding always answers the same: every response after the first is a repeat.
-    params = SamplingParams(max_new_tokens=4, temperature=0)
-    tasks = sample_tasks(micro_model, prompts_file, tmp_path / "tasks.jsonl", 3, params)
-    for task, prompt in zip(tasks, PROMPTS, strict=True):
-        assert len(set(task.responses)) == 1
-        assert task.meta == {**prompt.get("meta", {}), "duplicates": [1, 2]}
-    assert load_tasks(tmp_path / "tasks.jsonl")[0].meta["duplicates"] == [1, 2]
+def test_repeats_are_redrawn_then_left_out(prompts_file):
+    prompts = load_prompts(prompts_file)
+    script = [
+        [["a", "a", "b", "a"], ["x", "x", "x", "x"], ["p", "q", "r", "s"]],
+        [["a", "c", "c"], ["x", "x", "x"]],  # prompt 0 gains "c"; prompt 1 stays at one response
+        *[[["b", "b", "b"], ["x", "x", "x"]]] * MAX_REDRAWS,
+    ]
+    calls = []
+
+    def draw(batch, n):
+        calls.append((len(batch), n))
+        return script[len(calls) - 1]
+
+    tasks = distinct_tasks(draw, prompts, 4)
+    assert calls == [(3, 4)] + [(2, 3)] * MAX_REDRAWS
+    assert [t.responses for t in tasks] == [["a", "b", "c"], ["p", "q", "r", "s"]]
+    assert [t.prompt for t in tasks] == [prompts[0].messages, prompts[2].messages]
+    assert [t.meta for t in tasks] == [{"family": "sum", "repeats": 1}, {"id": 7}]
 
 
 def test_bad_input_is_one_line_and_exit_status_2(micro_model, prompts_file, tmp_path):
@@ -75,6 +85,10 @@ def test_bad_input_is_one_line_and_exit_status_2(micro_model, prompts_file, tmp_
     )
     assert done.returncode == 2
     assert "--k must be at least 2" in done.stderr and "Traceback" not in done.stderr
+    with pytest.raises(UserError, match="greedy"):
+        sample_tasks(
+            micro_model, prompts_file, tmp_path / "t.jsonl", 2, SamplingParams(temperature=0)
+        )
     with pytest.raises(UserError, match="file not found"):
         sample_tasks(
             micro_model, tmp_path / "missing.jsonl", tmp_path / "t.jsonl", 2, SamplingParams()

@@ -120,7 +120,8 @@ def sample_cmd(
     """Sample K distinct responses per prompt: the tasks people (or `chatrl label`) rank.
 
     Writes {"prompt", "responses", "meta"} per prompt, the prompt's meta carried along. Repeated
-    responses are re-drawn a few times; any left are listed in meta["duplicates"].
+    responses are re-drawn a few times; repeats left after that are left out (meta["repeats"]
+    counts them), and a prompt with fewer than 2 distinct responses gets no task.
     """
     from chatrl.engine import SamplingParams
     from chatrl.sample import sample_tasks
@@ -128,8 +129,9 @@ def sample_cmd(
     params = SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
-    tasks = sample_tasks(model, prompts, out, k, params, batch_size)
-    typer.echo(f"{len(tasks)} tasks x {k} responses -> {out}")
+    tasks, skipped = sample_tasks(model, prompts, out, k, params, batch_size)
+    note = f" ({skipped} prompts without 2 distinct responses left out)" if skipped else ""
+    typer.echo(f"{len(tasks)} tasks x {k} responses -> {out}{note}")
 
 
 def _ppo_help() -> str:
