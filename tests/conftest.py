@@ -57,6 +57,19 @@ def micro_model(tmp_path_factory, sample_text) -> Path:
     return init_model("micro", load_text(sample_text), out, seed=0)
 
 
+@pytest.fixture(scope="module")
+def micro_engine(micro_model):
+    """An ``Engine`` on the micro model, in this process, on one torch thread while the module
+    runs (on a shared machine, contending for every core is many times slower)."""
+    import torch
+
+    from chatrl.serve import load_engine
+
+    threads = torch.get_num_threads()
+    yield load_engine(micro_model, threads=1)
+    torch.set_num_threads(threads)
+
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",

@@ -62,3 +62,16 @@ def label_server(
     args = ["label", "serve", "--db", db_url, "--port", str(port)]
     with chatrl_server(args, port, tmp_path / "server.log") as process:
         yield f"http://127.0.0.1:{port}", process
+
+
+@contextmanager
+def chat_server(model: Path, tmp_path: Path, *options: str) -> Iterator[str]:
+    """``chatrl serve MODEL OPTIONS``; yields its base URL.
+
+    One torch thread: on a shared machine it is faster than contending for every core, and it
+    leaves a core to the clients.
+    """
+    port = free_port()
+    args = ["serve", str(model), "--port", str(port), "--threads", "1", *options]
+    with chatrl_server(args, port, tmp_path / "serve.log"):
+        yield f"http://127.0.0.1:{port}"
