@@ -286,6 +286,106 @@ def eval_cmd(
         typer.echo(f"report -> {out}")
 
 
+ModelDirArg = Annotated[
+    Path, typer.Argument(help="Model directory to talk to, e.g. runs/demo/ppo.", show_default=False)
+]
+ThreadsOpt = Annotated[
+    int | None, typer.Option(min=1, help="CPU threads for the model (default: one per core).")
+]
+
+
+@app.command("chat")
+def chat_cmd(
+    model: ModelDirArg,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass; 1 is off.")] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 256,
+    seed: Annotated[
+        int | None, typer.Option(help="Sampling seed: reply k of the session uses seed + k.")
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="System message to start with.")] = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Chat with a model in the terminal. Replies stream as they are generated; the
+    conversation is kept across turns.
+
+    Commands: /reset, /system TEXT, /save FILE (the conversation as an SFT JSONL record),
+    /help. Ctrl-C stops a reply; Ctrl-D leaves. See docs/serve.md.
+    """
+    from chatrl.engine import SamplingParams
+    from chatrl.serve import load_engine
+    from chatrl.serve.chat import run_chat
+
+    params = SamplingParams(
+        max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
+    )
+    params.check()
+    engine = load_engine(model, threads)
+    err_console.print(
+        f"chatting with {model}: /help lists commands, Ctrl-C stops a reply, Ctrl-D leaves",
+        highlight=False,
+        soft_wrap=True,
+    )
+    run_chat(engine, params, system)
+
+
+@app.command("serve")
+def serve_cmd(
+    model: ModelDirArg,
+    host: Annotated[
+        str, typer.Option(help="Address to bind (keep 127.0.0.1 unless behind a proxy).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CHATRL_API_KEY",
+            show_default=False,
+            help="Require `Authorization: Bearer KEY` on every /v1 request.",
+        ),
+    ] = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="Model id clients see (default: the directory's name).")
+    ] = None,
+    max_tokens_limit: Annotated[
+        int, typer.Option(min=1, help="Most tokens a request may ask for (max_tokens).")
+    ] = 1024,
+    max_n: Annotated[int, typer.Option(min=1, help="Most samples a request may ask for (n).")] = 8,
+    max_request_bytes: Annotated[
+        int, typer.Option(min=1, help="Largest request body; larger ones get 413.")
+    ] = 1_000_000,
+    max_queue: Annotated[
+        int, typer.Option(min=1, help="Most generations queued or running; more get 503.")
+    ] = 256,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Serve a model with an OpenAI-compatible API and a web chat page.
+
+    `POST /v1/chat/completions` (streaming too), `GET /v1/models`, `GET /health`; the chat
+    page is at `/`. Point any OpenAI client at http://HOST:PORT/v1. See docs/serve.md.
+    """
+    from chatrl.serve import load_engine
+    from chatrl.serve.app import ServeSettings, serve
+
+    settings = ServeSettings(
+        model_name=model_name or model.resolve().name,
+        api_key=api_key or None,
+        max_request_bytes=max_request_bytes,
+        max_n=max_n,
+        max_tokens_limit=max_tokens_limit,
+        max_queue=max_queue,
+    )
+    engine = load_engine(model, threads)
+    url = f"http://{host}:{port}"
+    err_console.print(
+        f"serving {model} as {settings.model_name!r}: chat page {url}/, OpenAI base URL {url}/v1"
+        + (" (API key required)" if settings.api_key else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+    serve(engine, settings, host, port)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     from transformers.utils import logging as hf_logging
