@@ -133,6 +133,16 @@ def test_logprobs_match_a_full_forward(any_model):
         assert torch.isfinite(c.logprobs).all()
 
 
+@pytest.mark.parametrize("top_p", [0.3, 0.9])
+@pytest.mark.parametrize("scale", [8.0, 0.1])
+def test_top_p_keeps_the_nucleus_like_transformers(top_p, scale):
+    # Peaked rows (scale 8) find their nucleus among the top candidates, flat ones need a sort.
+    torch.manual_seed(0)
+    scores = torch.randn(4, 500) * scale
+    expected = TopPLogitsWarper(top_p)(None, scores.clone())
+    assert torch.equal(engine_module._top_p(scores, top_p).isinf(), expected.isinf())
+
+
 def test_same_seed_same_output_other_seed_other_output(llama):
     model, tokenizer = llama
     engine = Engine(model, tokenizer)
