@@ -123,6 +123,14 @@ def load_run_config(path: str | Path) -> RunConfig:
             raise UserError(f"{path}: simulated annotators need world = true; use mode = 'app'")
     for section in ("model", "sft", "rm", "ppo"):
         _stage_settings(cfg, section, Path("RUN"), str(path))  # names unknown keys now
+    for section, value in [
+        ("[model] text", cfg.model.text),
+        ("[sft] data", cfg.sft.data),
+        ("[sample] prompts", cfg.sample.prompts),
+        ("[ppo] prompts", cfg.ppo.prompts),
+    ]:
+        if value and not Path(value).is_file():
+            raise UserError(f"{path}: {section}: {value}: file not found")
     return cfg
 
 

@@ -1,0 +1,168 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TINY = """
+seed = 0
+[model]
+preset = "micro"
+world_docs = 400
+max_steps = 6
+[sft]
+world_demos = 160
+max_steps = 10
+save_steps = 2
+per_device_train_batch_size = 8
+[sample]
+world_prompts = 24
+k = 3
+max_new_tokens = 12
+[label]
+annotators = 3
+[rm]
+max_steps = 3
+[ppo]
+world_prompts = 32
+max_steps = 2
+rollout_batch_size = 8
+num_mini_batches = 1
+response_length = 12
+[eval]
+world_prompts = 12
+best_of = 3
+max_new_tokens = 12
+"""
+
+
+def chatrl(*args, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "chatrl", *map(str, args)], capture_output=True, text=True, **kwargs
+    )
+
+
+def config(tmp_path: Path, text: str = TINY) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("pipeline")
+    out = tmp / "run"
+    result = chatrl("run", config(tmp), "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+REPORT_FIELDS = ("gold_score", "win_rate_vs_sft", "refusal_rate", "over_refusal_rate")
+REPORT_FIELDS += ("stop_rate", "mean_length", "kl_vs_sft")
+
+
+@pytest.mark.slow
+def test_run_writes_every_stage_and_a_report(finished_run):
+    for stage in ("model", "sft", "sample", "label", "rm", "ppo", "eval"):
+        state = json.loads((finished_run / stage / "stage.json").read_text())
+        assert state["done"] and state["seconds"] > 0
+    report = json.loads((finished_run / "report.json").read_text())
+    for policy in ("sft", "best_of_n", "ppo", "perfect", "sft_greedy", "ppo_greedy"):
+        assert set(REPORT_FIELDS) <= set(report[policy])
+    assert report["perfect"]["gold_score"] > report["sft"]["gold_score"]  # the ceiling is above
+    assert report["sft"]["win_rate_vs_sft"] == 0.5
+    for key in ("rm_accuracy", "annotator_agreement", "seconds", "seed", "chatrl_version"):
+        assert key in report
+    assert (finished_run / "report.md").read_text().startswith("# chatrl report card")
+    for plot in ("training.png", "ppo.png", "families.png"):
+        assert (finished_run / "plots" / plot).stat().st_size > 1000
+    assert (finished_run / "config.toml").exists()
+    assert (finished_run / "ppo" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_stages(finished_run, tmp_path):
+    started = time.perf_counter()
+    result = chatrl("run", finished_run / "config.toml", "--out", finished_run)
+    assert result.returncode == 0
+    assert result.stderr.count("skipped") == 7
+    assert time.perf_counter() - started < 60
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(finished_run, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "chatrl", "run", str(config(tmp_path)), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / "sft" / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not checkpoint.exists():
+        assert proc.poll() is None and time.time() < deadline, "sft never checkpointed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    result = chatrl("run", out / "config.toml", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model: done earlier" in result.stderr and "sft: resuming" in result.stderr
+    resumed = json.loads((out / "report.json").read_text())
+    straight = json.loads((finished_run / "report.json").read_text())
+    for policy in ("sft", "ppo", "best_of_n"):
+        for field in REPORT_FIELDS:
+            assert resumed[policy][field] == pytest.approx(straight[policy][field], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_changed_section_reruns_from_that_stage(finished_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    changed = (out / "config.toml").read_text().replace("max_steps = 3", "max_steps = 2", 1)
+    result = chatrl("run", config(tmp_path, changed), "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    skipped = [
+        line.split(":")[0].strip("✓ ") for line in result.stderr.splitlines() if "skipped" in line
+    ]
+    assert skipped == ["model", "sft", "sample", "label"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            TINY.replace("[sft]\n", "[sft]\nlerning_rate = 1.0\n"),
+            "[sft]: unknown key 'lerning_rate'",
+        ),
+        (TINY + "\n[stage9]\nx = 1\n", "unknown key 'stage9'"),
+        (
+            TINY.replace("[sample]\n", '[sample]\nprompts = "missing.jsonl"\n'),
+            "missing.jsonl: file not found",
+        ),
+        (TINY.replace("seed = 0", "seed = 'zero'"), "'seed': Input should be a valid integer"),
+        ("seed = [", "invalid TOML"),
+    ],
+)
+def test_config_errors_are_one_line_with_exit_2(tmp_path, text, message):
+    result = chatrl("run", config(tmp_path, text), "--out", tmp_path / "run")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr.replace("\n", "")
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file(tmp_path):
+    result = chatrl("run", tmp_path / "nope.toml", "--out", tmp_path / "run")
+    assert result.returncode == 2 and "config file not found" in result.stderr
+
+
+def test_app_mode_waits_for_people_with_instructions(tmp_path, monkeypatch):
+    text = TINY.replace("[label]\n", '[label]\nmode = "app"\n')
+    out = tmp_path / "run"
+    # Only the stages before ranking run; the ranking step explains how to continue.
+    result = chatrl("run", config(tmp_path, text), "--out", out, timeout=600)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "chatrl label serve --db sqlite:///" in result.stderr
+    assert "0 of 24 rankings" in result.stderr
