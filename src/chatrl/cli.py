@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from chatrl.errors import UserError
+from chatrl.label.commands import DEFAULT_DB as DEFAULT_LABEL_DB
+from chatrl.label.commands import DbOpt as LabelDbOpt
+from chatrl.label.commands import label_app
 from chatrl.world.commands import world_app
 
 app = typer.Typer(
@@ -22,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 err_console = Console(stderr=True)
 
@@ -134,6 +140,75 @@ def sample_cmd(
     typer.echo(f"{len(tasks)} tasks x {k} responses -> {out}{note}")
 
 
+app.add_typer(label_app, name="label")
+
+
+@label_app.command("simulate")
+def label_simulate_cmd(
+    db: LabelDbOpt = DEFAULT_LABEL_DB,
+    annotators: Annotated[int, typer.Option(help="How many simulated annotators.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated annotators.")] = 0,
+) -> None:
+    """Let the bundled world's simulated annotators rank every waiting task.
+
+    They submit through the same code path as people do (for the demo and the tests)."""
+    from chatrl.label.store import LabelStore, simulate
+    from chatrl.world.annotators import default_annotators
+
+    team = default_annotators(seed)
+    if not 1 <= annotators <= len(team):
+        raise UserError(f"--annotators must be between 1 and {len(team)}")
+    done = simulate(LabelStore(db), {a.name: a.rank for a in team[:annotators]})
+    typer.echo(", ".join(f"{name}: {count} rankings" for name, count in done.items()))
+
+
+app.add_typer(world_app, name="world")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[Path, typer.Option(help="Model directory to evaluate.")],
+    prompts: Annotated[
+        Path, typer.Option(help="World prompts JSONL (`chatrl world prompts --split heldout`).")
+    ],
+    baseline: Annotated[
+        Path | None, typer.Option(help="Model to compare with (win rate, KL).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the report as JSON here.")] = None,
+    samples: Annotated[
+        Path | None, typer.Option(help="Write every response and its verdict here (JSONL).")
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest response, in tokens.")] = 64,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Score a model's responses to world prompts with the gold labeler.
+
+    Reports mean gold score, win rate against the baseline (ties count half), refusal rate on
+    harmful prompts, over-refusal rate on borderline ones, accuracy per family, length,
+    repetition and stop rates, the KL divergence from the baseline, and the same figures for
+    the world's perfect responses (the ceiling).
+    """
+    from rich.table import Table
+
+    from chatrl.data import load_prompts, write_json
+    from chatrl.evaluate import evaluate_model, table_rows
+
+    report = evaluate_model(
+        model, load_prompts(prompts), baseline, temperature, seed, max_new_tokens, samples
+    )
+    columns, rows = table_rows(report)
+    table = Table(title=f"{prompts.name}, temperature {temperature}")
+    for name in ["metric", *columns]:
+        table.add_column(name, justify="left" if name == "metric" else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    if out is not None:
+        write_json(out, report)
+        typer.echo(f"report -> {out}")
+
+
 def _ppo_help() -> str:
     from chatrl.config import PPOConfig
 
@@ -239,51 +314,61 @@ def rm_score_cmd(
         print_report(f"agreement with the rankings in {data}", report, file=sys.stderr)
 
 
-app.add_typer(world_app, name="world")
+RunOut = Annotated[Path, typer.Option("--out", help="Run directory: every stage writes below it.")]
 
 
-@app.command("eval")
-def eval_cmd(
-    model: Annotated[Path, typer.Option(help="Model directory to evaluate.")],
-    prompts: Annotated[
-        Path, typer.Option(help="World prompts JSONL (`chatrl world prompts --split heldout`).")
-    ],
-    baseline: Annotated[
-        Path | None, typer.Option(help="Model to compare with (win rate, KL).")
+def _run_and_report(config: Path, out: Path, from_stage: str | None) -> None:
+    from chatrl.pipeline import WaitingForLabels, run_pipeline
+    from chatrl.report import write_report
+
+    try:
+        records = run_pipeline(config, out, from_stage)
+    except WaitingForLabels as waiting:
+        err_console.print(f"[bold yellow]waiting for rankings:[/] {escape(str(waiting))}", highlight=False)
+        raise typer.Exit(3) from None
+    from chatrl.pipeline import load_run_config
+
+    write_report(out, records, load_run_config(config).seed)
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"report -> {out / 'report.md'}  (figures: report.json, plots: plots/)")
+
+
+@app.command("run")
+def run_cmd(
+    config: Annotated[Path, typer.Argument(help="TOML file: a [section] per stage (see `chatrl demo`'s).")],
+    out: RunOut = Path("runs/run"),
+    from_stage: Annotated[
+        str | None, typer.Option("--from", help="Rerun from this stage: model, sft, sample, label, rm, ppo, eval.")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Write the report as JSON here.")] = None,
-    samples: Annotated[
-        Path | None, typer.Option(help="Write every response and its verdict here (JSONL).")
-    ] = None,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest response, in tokens.")] = 64,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:
-    """Score a model's responses to world prompts with the gold labeler.
+    """Run the whole pipeline: base model -> SFT -> sample -> rank -> reward model -> PPO -> eval.
 
-    Reports mean gold score, win rate against the baseline (ties count half), refusal rate on
-    harmful prompts, over-refusal rate on borderline ones, accuracy per family, length,
-    repetition and stop rates, the KL divergence from the baseline, and the same figures for
-    the world's perfect responses (the ceiling).
+    Rerunning the same command skips finished stages and resumes an interrupted one; a stage
+    whose settings changed reruns with everything after it. Exit status 3 means the ranking
+    step waits for people in the labeling app (the message says how to open it).
     """
-    from rich.table import Table
+    _run_and_report(config, out, from_stage)
 
-    from chatrl.data import load_prompts, write_json
-    from chatrl.evaluate import evaluate_model, table_rows
 
-    report = evaluate_model(
-        model, load_prompts(prompts), baseline, temperature, seed, max_new_tokens, samples
-    )
-    columns, rows = table_rows(report)
-    table = Table(title=f"{prompts.name}, temperature {temperature}")
-    for name in ["metric", *columns]:
-        table.add_column(name, justify="left" if name == "metric" else "right")
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
-    if out is not None:
-        write_json(out, report)
-        typer.echo(f"report -> {out}")
+@app.command("demo")
+def demo_cmd(
+    out: RunOut = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="Seed of the whole run (world, models, sampling).")] = 0,
+) -> None:
+    """The whole InstructGPT pipeline on the bundled world, in minutes on a laptop CPU.
+
+    Pretrains a small model on the world's text, fine-tunes it on flawed demonstrations,
+    samples 4 responses per prompt, lets simulated annotators rank them, trains a reward
+    model, runs PPO, and evaluates SFT, Best-of-8 and PPO on held-out prompts with the
+    world's gold labeler. Ends with a report card (report.md, report.json, plots/).
+    """
+    from chatrl.pipeline import DEMO_CONFIG
+
+    out.mkdir(parents=True, exist_ok=True)
+    text = DEMO_CONFIG.read_text().replace("seed = 0", f"seed = {seed}", 1)
+    config = out / "config.toml"
+    config.write_text(text)
+    _run_and_report(config, out, None)
 
 
 ModelDirArg = Annotated[
@@ -388,28 +473,23 @@ def serve_cmd(
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    # Model loading and saving would otherwise draw progress bars of their own.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app(standalone_mode=False)
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except typer.TyperException as e:  # usage errors from typer's own click
+        e.show()
+        sys.exit(2)
+    except typer.Abort:
+        sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        raise
 
 
 if __name__ == "__main__":
