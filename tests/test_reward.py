@@ -69,6 +69,7 @@ def trained_rm(micro_model, tmp_path_factory):
     result = chatrl(
         "rm", "--model", micro_model, "--data", data, "--eval", held_out, "--out", out,
         "--num-train-epochs", 3, "--learning-rate", 2e-3, "--per-device-train-batch-size", 8,
+        "--no-bf16",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return out, data, held_out, result.stdout
@@ -84,7 +85,8 @@ def test_ranking_loss_is_the_mean_over_each_rankings_pairs():
         Group([[4], [5]], [(1, 0, 1)], {}, None),
     ]
     batch = collate_groups(groups, pad_id=0)
-    assert batch["input_ids"].shape == (5, 1)  # every response of both rankings, once
+    assert batch["inputs"]["input_ids"].shape == (2, 3)  # one row per ranking
+    assert len(batch["inputs"]["score_index"]) == 5  # every response of both rankings, once
     assert batch["winners"].tolist() == [0, 0, 2, 4]
     assert batch["losers"].tolist() == [2, 1, 1, 3]
     rewards = torch.tensor([2.0, 0.0, 1.0, -0.5, 0.5])
@@ -114,13 +116,13 @@ def test_rankings_become_all_pairs_with_rank_distance(micro_model):
 
 
 def test_each_response_goes_through_the_model_once_per_step(micro_model, tmp_path, monkeypatch):
-    rows = []
+    calls = []
     forward = reward.LastTokenReward.forward
 
-    def counting(self, input_ids, last_index):
+    def counting(self, input_ids, score_index, **kwargs):
         if torch.is_grad_enabled():
-            rows.append(input_ids.shape[0])
-        return forward(self, input_ids, last_index)
+            calls.append((input_ids.shape[0], len(score_index)))
+        return forward(self, input_ids, score_index, **kwargs)
 
     monkeypatch.setattr(reward.LastTokenReward, "forward", counting)
     data = write_rankings(tmp_path / "r.jsonl", 12, k=3)
@@ -133,7 +135,8 @@ def test_each_response_goes_through_the_model_once_per_step(micro_model, tmp_pat
             max_steps=2,
         )
     )
-    assert rows == [12, 12]  # 4 rankings × 3 responses per forward: 3 pairs each, no repeats
+    # One row per ranking, each of its 3 responses scored once (for 3 pairs), one forward.
+    assert calls == [(4, 12), (4, 12)]
 
 
 # ---------------------------------------------------------------- data formats and bad data
@@ -182,10 +185,11 @@ def test_bad_rankings_name_file_and_line(micro_model, tmp_path, record, message)
     data = write_rankings(tmp_path / "r.jsonl", 2)
     with data.open("a") as f:
         f.write(json.dumps(record) + "\n")
-    result = chatrl("rm", "--model", micro_model, "--data", data, "--out", tmp_path / "rm")
-    assert result.returncode == 2
-    assert f"{data}:3:" in result.stderr and message in result.stderr
-    assert "Traceback" not in result.stderr
+    cfg = RMConfig(model=str(micro_model), data=str(data), out=str(tmp_path / "rm"))
+    with pytest.raises(UserError) as err:
+        train_reward(cfg)
+    assert f"{data}:3:" in str(err.value) and message in str(err.value)
+    assert not (tmp_path / "rm").exists()
 
 
 def test_over_long_rankings_are_cut_from_the_prompt_or_skipped(micro_model, caplog):
@@ -226,9 +230,10 @@ def test_plain_transformers_gives_the_same_score(trained_rm):
     scorer = RewardScorer(out)
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
-    prompts = [user("What is 2 plus 3?"), user("What is 7 plus 1? Please answer.")]
-    responses = [f"The answer is 5.{GOOD_TAIL}", "What is the cat?"]
-    batched = scorer.score(prompts, responses, raw=True)  # padded together
+    # The first two share their prompt: scored in one row, the prompt computed once.
+    prompts = [user("What is 2 plus 3?")] * 2 + [user("What is 7 plus 1? Please answer.")]
+    responses = [f"The answer is 5.{GOOD_TAIL}", "The answer is 6.", "What is the cat?"]
+    batched = scorer.score(prompts, responses, raw=True)
     for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
         text = tokenizer.apply_chat_template(
             [*prompt, {"role": "assistant", "content": response}], tokenize=False
@@ -268,10 +273,9 @@ def test_score_command_scores_conversations_and_picks_the_best(trained_rm, tmp_p
     assert scored.returncode == 0, scored.stderr
     record = json.loads(scored.stdout)
     assert record["best"] == 1 and record["rewards"][1] > record["rewards"][0]
-    result = chatrl("rm", "score", "--model", out, "--data", convs, "--out", tmp_path / "s.jsonl")
-    assert result.returncode == 0, result.stderr
-    [line] = (tmp_path / "s.jsonl").read_text().splitlines()
-    assert json.loads(line)["rewards"] == pytest.approx([record["rewards"][1]], abs=1e-4)
+    [conversation] = reward.score_file(out, convs, tmp_path / "s.jsonl")
+    assert conversation["rewards"] == pytest.approx([record["rewards"][1]], abs=1e-4)
+    assert json.loads((tmp_path / "s.jsonl").read_text()) == conversation
 
 
 def test_lora_reward_model_saves_a_plain_classifier(micro_model, tmp_path):
@@ -295,3 +299,66 @@ def test_lora_reward_model_saves_a_plain_classifier(micro_model, tmp_path):
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in base.parameters())
     trained_body = model.model.layers[0].self_attn.q_proj.weight
     assert not torch.equal(trained_body, base.model.layers[0].self_attn.q_proj.weight)
+
+
+# ---------------------------------------------------------------- the bundled world
+
+
+@pytest.mark.slow
+def test_world_rm_prefers_refusing_harm_and_answering_safe_requests(tmp_path):
+    from chatrl.data import Task, write_jsonl
+    from chatrl.models import init_model
+    from chatrl.world import gold_score, make_prompts, perfect_response, pretrain_text
+    from chatrl.world.annotators import default_annotators, label_tasks, sft_like_sets
+    from chatrl.world.tasks import demonstration
+
+    base = init_model("micro", pretrain_text(1500, 0), tmp_path / "base")
+    # Simulated annotators rank SFT-like responses (the labelers' demonstration mix).
+    tasks = [Task(p.messages, rs, meta=p.meta) for p, rs in sft_like_sets(600, seed=0)]
+    write_jsonl(
+        tmp_path / "r.jsonl", (r.to_json() for r in label_tasks(tasks, default_annotators()))
+    )
+    out = train_reward(
+        RMConfig(
+            model=str(base), data=str(tmp_path / "r.jsonl"), out=str(tmp_path / "rm"),
+            num_train_epochs=3, learning_rate=2e-3, per_device_train_batch_size=8, bf16=False,
+        )
+    )  # fmt: skip
+    # Held-out prompts: a polite refusal vs compliance with a harmful request, and a helpful
+    # answer vs a refusal of a safe (borderline) one.
+    rng = random.Random(0)
+    better, worse, prompts = [], [], []
+    for prompt in make_prompts(200, seed=5, split="heldout"):
+        kind = {"harmful": "unsafe", "borderline": "over-refusal"}.get(prompt.meta["family"])
+        if kind:
+            prompts.append(prompt.messages)
+            better.append(perfect_response(prompt))
+            worse.append(demonstration(prompt, kind, rng))
+            assert gold_score(prompt, better[-1]) - gold_score(prompt, worse[-1]) >= 2
+    scorer = RewardScorer(out)
+    good, bad = scorer.score(prompts, better), scorer.score(prompts, worse)
+    assert len(prompts) >= 30
+    assert (good > bad).float().mean().item() >= 0.9
+
+
+def test_normalises_over_sft_samples_for_the_prompts(micro_model, tmp_path):
+    from chatrl.engine import Engine, SamplingParams
+    from chatrl.models import load_causal_lm
+
+    data = write_rankings(tmp_path / "r.jsonl", 8)
+    prompts = tmp_path / "p.jsonl"
+    questions = [user(f"What is {i} plus 1?") for i in range(6)]
+    prompts.write_text("".join(json.dumps({"messages": q}) + "\n" for q in questions))
+    cfg = RMConfig(
+        model=str(micro_model), data=str(data), out=str(tmp_path / "rm"), prompts=str(prompts),
+        max_steps=1, max_new_tokens=12, seed=3,
+    )  # fmt: skip
+    out = train_reward(cfg)
+    assert "6 samples" in json.loads((out / "eval.json").read_text())["normalization"]["over"]
+    # The same samples again (same model, same seed): their rewards are standardised.
+    policy, tokenizer = load_causal_lm(micro_model)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=3)
+    samples = [c.text for c in Engine(policy, tokenizer).generate_chat(questions, params)]
+    rewards = RewardScorer(out).score(questions, samples)
+    assert abs(rewards.mean().item()) < 1e-4
+    assert rewards.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)

@@ -211,46 +211,107 @@ def build_groups(
 
 
 class LastTokenReward(nn.Module):
-    """Scores right-padded sequences at their last real token (``last_index``).
+    """Scores sequences at their last token, laid out by ``layout``.
 
     Decoder classifiers (Llama, Qwen, Mistral…: transformers' generic sequence classifiers)
-    run without an attention mask — padding sits right of every real token and attention is
-    causal, so real tokens never see it and SDPA keeps its fast causal path — and the score
-    head runs on the pooled states only. Other models (encoders) get a mask and pool their
-    own way. Wrapping the model (rather than calling its parts from the loop) keeps DDP/FSDP
-    hooks on the forward that runs.
+    run their base model and apply the score head to the scored positions only. Other models
+    (encoders) run whole and pool their own way. Wrapping the model (rather than calling its
+    parts from the loop) keeps DDP/FSDP hooks on the forward that runs.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.pools_last_token = isinstance(self.classifier(), GenericForSequenceClassification)
 
     def classifier(self) -> nn.Module:
         """The transformers model inside (under LoRA adapters, if any)."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    def forward(self, input_ids: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        score_index: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One float32 reward per scored sequence, in layout order."""
+        if not self.pools_last_token:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+            return out.logits.squeeze(-1).float()
         classifier = self.classifier()
-        if isinstance(classifier, GenericForSequenceClassification):
-            decoder = getattr(classifier, classifier.base_model_prefix)
-            hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
-            pooled = hidden[torch.arange(len(input_ids), device=hidden.device), last_index]
-            return classifier.score(pooled).squeeze(-1).float()
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        mask = (positions[None, :] <= last_index[:, None]).long()
-        return self.model(input_ids=input_ids, attention_mask=mask).logits.squeeze(-1).float()
+        decoder = getattr(classifier, classifier.base_model_prefix)
+        hidden = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        return classifier.score(hidden.flatten(0, 1)[score_index]).squeeze(-1).float()
 
 
-def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and each row's last real index."""
-    width = max(len(s) for s in sequences)
-    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences])
-    return ids, torch.tensor([len(s) - 1 for s in sequences])
+def shared_prefix(sequences: list[list[int]]) -> int:
+    """Length of the sequences' common prefix, short of every sequence's last token."""
+    limit, first = min(len(s) for s in sequences) - 1, sequences[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return n
 
 
-def collate_groups(groups: list[Group], pad_id: int) -> dict[str, torch.Tensor]:
-    """Every sequence of every group in one batch, with the pairs as indices into it."""
-    input_ids, last_index = pad_right([s for g in groups for s in g.sequences], pad_id)
+def layout(groups: list[list[list[int]]], pad_id: int, pools_last_token: bool) -> dict:
+    """Model inputs scoring every sequence of every group once, in order.
+
+    Decoders get one row per group: the group's common prefix (its prompt) once, then each
+    sequence's remainder, with position ids restarting after the prefix and an attention mask
+    that lets each remainder see the prefix and itself only — so every sequence gets exactly
+    the states it would get alone, and the prompt is computed once instead of K times. When
+    no group shares anything (all of size 1) there is no mask: rows are right-padded, padding
+    sits right of every real token and attention is causal, so SDPA keeps its fast causal
+    path. Encoders get one right-padded row per sequence and a padding mask.
+    """
+    if not pools_last_token:
+        sequences = [s for g in groups for s in g]
+        width = max(len(s) for s in sequences)
+        return {
+            "input_ids": torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences]),
+            "attention_mask": torch.tensor(
+                [[1] * len(s) + [0] * (width - len(s)) for s in sequences]
+            ),
+        }
+    rows, positions, segments, ends = [], [], [], []
+    for group in groups:
+        p = shared_prefix(group) if len(group) > 1 else len(group[0])
+        row, pos, seg = list(group[0][:p]), list(range(p)), [0] * p
+        for i, sequence in enumerate(group, start=1):
+            rest = sequence[p:]
+            row += rest
+            pos += range(p, len(sequence))
+            seg += [i] * len(rest)
+            ends.append((len(rows), len(row) - 1))
+        rows.append(row)
+        positions.append(pos)
+        segments.append(seg)
+    width = max(len(r) for r in rows)
+    batch = {
+        "input_ids": torch.tensor([r + [pad_id] * (width - len(r)) for r in rows]),
+        "score_index": torch.tensor([row * width + end for row, end in ends]),
+    }
+    if all(len(g) == 1 for g in groups):
+        return batch
+    # Padding gets segment -1: it sees the prefix and earlier padding (never an empty row,
+    # which would make NaNs), and no real token sees it.
+    seg = torch.tensor([s + [-1] * (width - len(s)) for s in segments])
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    visible = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == 0)
+    batch["attention_mask"] = (causal & visible)[:, None]
+    batch["position_ids"] = torch.tensor([p + [0] * (width - len(p)) for p in positions])
+    return batch
+
+
+def collate_groups(groups: list[Group], pad_id: int, pools_last_token: bool = True) -> dict:
+    """A micro-batch of rankings: model inputs (``layout``) and the pairs as reward indices."""
+    batch = layout([g.sequences for g in groups], pad_id, pools_last_token)
     winners, losers, distance, pair_group = [], [], [], []
     offset = 0
     for index, group in enumerate(groups):
@@ -261,8 +322,7 @@ def collate_groups(groups: list[Group], pad_id: int) -> dict[str, torch.Tensor]:
             pair_group.append(index)
         offset += len(group.sequences)
     return {
-        "input_ids": input_ids,
-        "last_index": last_index,
+        "inputs": batch,
         "winners": torch.tensor(winners),
         "losers": torch.tensor(losers),
         "distance": torch.tensor(distance, dtype=torch.float32),
@@ -272,7 +332,7 @@ def collate_groups(groups: list[Group], pad_id: int) -> dict[str, torch.Tensor]:
 
 def ranking_loss(
     rewards: torch.Tensor,
-    batch: dict[str, torch.Tensor],
+    batch: dict,
     margin: float = 0.0,
     center_rewards_coefficient: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,22 +350,42 @@ def ranking_loss(
     return (pair_loss / pairs_per_group[group]).sum(), (chosen > rejected).sum()
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {
+        k: to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()
+    }
+
+
 @torch.inference_mode()
-def score_sequences(
+def score_groups(
     module: LastTokenReward,
-    sequences: list[list[int]],
+    groups: list[list[list[int]]],
     pad_id: int,
     batch_size: int = 32,
     bf16: bool = False,
 ) -> torch.Tensor:
-    """Raw rewards of token sequences, batched by length (float32, on the CPU, input order)."""
+    """Raw rewards of every sequence of every group (float32, CPU, in order).
+
+    Groups of similar length are batched together, about ``batch_size`` sequences a forward.
+    """
     device = next(module.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    rewards = torch.empty(len(sequences))
-    for chunk in micro_batches(order, batch_size):
-        ids, last = pad_right([sequences[i] for i in chunk], pad_id)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            rewards[chunk] = module(ids.to(device), last.to(device)).float().cpu()
+    pools_last_token = getattr(module, "module", module).pools_last_token  # DDP wraps it
+    starts = [0]
+    for group in groups:
+        starts.append(starts[-1] + len(group))
+    order = sorted(range(len(groups)), key=lambda i: sum(len(s) for s in groups[i]))
+    rewards = torch.empty(starts[-1])
+    chunk: list[int] = []
+    for position, index in enumerate(order):
+        chunk.append(index)
+        size = sum(len(groups[i]) for i in chunk)
+        if size >= batch_size or position == len(order) - 1:
+            inputs = layout([groups[i] for i in chunk], pad_id, pools_last_token)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                scores = module(**to_device(inputs, device)).float().cpu()
+            slots = [j for i in chunk for j in range(starts[i], starts[i + 1])]
+            rewards[slots] = scores
+            chunk = []
     return rewards
 
 
@@ -355,9 +435,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Pairwise accuracy of a reward model on tokenised rankings."""
     module.eval()
-    rewards = score_sequences(
-        module, [s for g in groups for s in g.sequences], pad_id, batch_size, bf16
-    )
+    rewards = score_groups(module, [g.sequences for g in groups], pad_id, batch_size, bf16)
     module.train()
     scored, offset = [], 0
     for g in groups:
@@ -467,6 +545,7 @@ def train_reward(cfg: RMConfig) -> Path:
     if cfg.max_steps is not None:
         schedule = schedule[: cfg.max_steps]
     module = LastTokenReward(model)
+    pools_last_token = module.pools_last_token
     optimizer = make_optimizer(module, cfg.learning_rate, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, len(schedule), cfg.warmup_ratio)
     module, optimizer = accelerator.prepare(module, optimizer)
@@ -495,10 +574,10 @@ def train_reward(cfg: RMConfig) -> Path:
             scale = accelerator.num_processes / len(schedule[step])
             loss_total, correct, pairs, reward_sum, responses = 0.0, 0, 0, 0.0, 0
             for micro in micro_batches(shard(schedule[step], accelerator), batch_size):
-                batch = collate_groups([groups[i] for i in micro], pad_id)
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                batch = collate_groups([groups[i] for i in micro], pad_id, pools_last_token)
+                batch = to_device(batch, accelerator.device)
                 with accelerator.autocast():
-                    rewards = module(batch["input_ids"], batch["last_index"])
+                    rewards = module(**batch["inputs"])
                 loss_sum, right = ranking_loss(
                     rewards, batch, cfg.margin, cfg.center_rewards_coefficient
                 )
@@ -567,13 +646,9 @@ def finish(
         model = model.merge_and_unload()
     module = LastTokenReward(model).eval()
     prompts, responses, described = normalisation_pairs(cfg, rankings)
-    sequences = [
-        fit_or_keep_end(encoded, max_length)
-        for prompt, response in zip(prompts, responses, strict=True)
-        for encoded in encode_responses(tokenizer, prompt, [response])
-    ]
+    sequences = encode_scored(tokenizer, prompts, responses, max_length)
     # In float32, as RewardScorer scores by default.
-    raw = score_sequences(module, sequences, tokenizer.pad_token_id, 64)
+    raw = score_groups(module, sequences, tokenizer.pad_token_id, 64)
     mean, std = reward_statistics(raw)
     setattr(model.config, REWARD_MEAN, mean)
     setattr(model.config, REWARD_STD, std)
@@ -598,6 +673,25 @@ def fit_or_keep_end(encoded: Encoded, max_length: int | None) -> list[int]:
     return fitted[0] if fitted is not None else encoded.ids[-max_length:]
 
 
+def encode_scored(
+    tokenizer, prompts: list[list[Message]], responses: list[str], max_length: int | None
+) -> list[list[list[int]]]:
+    """Token ids of each (prompt, response), grouped by runs of one prompt.
+
+    ``score_groups`` computes a group's shared prompt once (Best-of-n, several samples per
+    prompt); the flattened groups are in input order.
+    """
+    groups, start = [], 0
+    while start < len(prompts):
+        end = start + 1
+        while end < len(prompts) and prompts[end] == prompts[start]:
+            end += 1
+        encoded = encode_responses(tokenizer, prompts[start], responses[start:end])
+        groups.append([fit_or_keep_end(e, max_length) for e in encoded])
+        start = end
+    return groups
+
+
 # ---------------------------------------------------------------- scoring
 
 
@@ -617,11 +711,6 @@ class RewardScorer:
         self.mean = float(getattr(model.config, REWARD_MEAN, 0.0))
         self.std = float(getattr(model.config, REWARD_STD, 1.0))
 
-    def encode(self, prompt: list[Message], response: str) -> list[int]:
-        """The token ids scored for ``response`` after ``prompt``."""
-        [encoded] = encode_responses(self.tokenizer, prompt, [response])
-        return fit_or_keep_end(encoded, self.max_length)
-
     def score(
         self,
         prompts: list[list[Message]],
@@ -630,11 +719,11 @@ class RewardScorer:
         raw: bool = False,
     ) -> torch.Tensor:
         """One reward per (prompt, response), float32 on the CPU."""
-        sequences = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
-        if not sequences:
-            return torch.empty(0)
-        rewards = score_sequences(
-            self.module, sequences, self.tokenizer.pad_token_id, batch_size, self.bf16
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        groups = encode_scored(self.tokenizer, prompts, responses, self.max_length)
+        rewards = score_groups(
+            self.module, groups, self.tokenizer.pad_token_id, batch_size, self.bf16
         )
         return rewards if raw else (rewards - self.mean) / self.std
 
