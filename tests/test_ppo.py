@@ -19,6 +19,7 @@ from chatrl.engine import Engine, SamplingParams
 from chatrl.models import init_model, load_causal_lm, load_reward_model, save_model
 from chatrl.train import ppo
 from chatrl.train.lm import train_lm
+from chatrl.train.loop import add_lora
 from chatrl.train.ppo import (
     ActorCritic,
     KLController,
@@ -66,7 +67,7 @@ def build_models(setup, cfg: PPOConfig) -> Models:
     policy, tok = load_causal_lm(setup["policy"])
     reference = None
     if cfg.use_peft:
-        policy = ppo.add_lora(policy, cfg)
+        policy = add_lora(policy, cfg)
     else:
         reference = load_causal_lm(setup["policy"])[0].eval()
     critic = ppo.load_critic(cfg, tok)

@@ -49,6 +49,7 @@ from chatrl.train.loop import (
     CHECKPOINT_DIR,
     MetricsLog,
     TrainerState,
+    add_lora,
     global_batches,
     load_checkpoint,
     make_accelerator,
@@ -248,6 +249,15 @@ def gae(
     return advantages * mask, (advantages + values) * mask
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_variance(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    return masked_mean((x - mean) ** 2, mask)
+
+
 def whiten(
     x: torch.Tensor, mask: torch.Tensor, all_reduce_sum: Callable | None = None
 ) -> torch.Tensor:
@@ -279,10 +289,6 @@ def reference_logprobs(models: Models, input_ids, index, tokens) -> torch.Tensor
         return policy_logprobs(models.reference, input_ids, index, tokens)
     with models.actor_critic.policy.disable_adapter():
         return policy_logprobs(models.actor_critic.policy, input_ids, index, tokens)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 @dataclass
@@ -399,11 +405,6 @@ def collect_rollout(
     return rollout, metrics, s.timings
 
 
-def masked_variance(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    return masked_mean((x - mean) ** 2, mask)
-
-
 # ---------------------------------------------------------------- losses
 
 
@@ -517,7 +518,14 @@ def ppo_update(
             if ptx_loss is not None:
                 loss = loss + cfg.ptx_coef * ptx_loss
             accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(actor_critic.parameters(), cfg.max_grad_norm)
+            # Policy and critic clipped apart: the critic's large early gradients (its head
+            # starts as a sequence scorer) must not shrink the policy's step.
+            grad_norm, value_grad_norm = (
+                accelerator.clip_grad_norm_(
+                    [p for group in o.param_groups for p in group["params"]], cfg.max_grad_norm
+                )
+                for o in optimizers
+            )
             for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
                 optimizer.step()
                 scheduler.step()
@@ -529,6 +537,7 @@ def ppo_update(
                     "value_clip_frac": vf_clip_frac,
                     "entropy": masked_mean(entropy(logits), mb.mask),
                     "grad_norm": grad_norm,
+                    "value_grad_norm": value_grad_norm,
                     **pg_stats,
                 }
                 if ptx_loss is not None:
@@ -601,19 +610,6 @@ def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-
-
-def add_lora(model, cfg: PPOConfig):
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
 
 
 def load_critic(cfg: PPOConfig, tokenizer) -> nn.Module | None:
