@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from servers import free_port
+from servers import chat_server, free_port
 
 from chatrl.models import init_model
 
@@ -68,6 +68,14 @@ def micro_engine(micro_model):
     threads = torch.get_num_threads()
     yield load_engine(micro_model, threads=1)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def serve_url(micro_model, tmp_path_factory) -> str:
+    """Base URL of ``chatrl serve`` on the micro model (``servers.chat_server``: API key
+    ``SERVE_KEY``, limits ``SERVE_LIMITS``), shared by the API and the chat page tests."""
+    with chat_server(micro_model, tmp_path_factory.mktemp("serve")) as url:
+        yield url
 
 
 CHROMIUM = "/usr/bin/chromium"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -35,11 +36,13 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float
 
 
 @contextmanager
-def chatrl_server(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen]:
+def chatrl_server(
+    args: list[str], port: int, log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen]:
     """``python -m chatrl ARGS`` serving on 127.0.0.1:PORT, stopped on exit."""
     with log.open("a") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "chatrl", *args], stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "chatrl", *args], stdout=out, stderr=subprocess.STDOUT, env=env
         )
     try:
         wait_until_up(f"http://127.0.0.1:{port}/", process, log)
@@ -64,14 +67,22 @@ def label_server(
         yield f"http://127.0.0.1:{port}", process
 
 
+# The served micro model's API key and limits in the tests (small, so that tests reach them).
+SERVE_KEY = "sk-test-key"
+SERVE_LIMITS = {"max_queue": 64, "max_n": 4, "max_tokens_limit": 400, "max_request_bytes": 20_000}
+
+
 @contextmanager
-def chat_server(model: Path, tmp_path: Path, *options: str) -> Iterator[str]:
-    """``chatrl serve MODEL OPTIONS``; yields its base URL.
+def chat_server(model: Path, tmp_path: Path) -> Iterator[str]:
+    """``chatrl serve MODEL`` with SERVE_LIMITS, and SERVE_KEY in CHATRL_API_KEY (the way a
+    deployment passes secrets); yields its base URL.
 
     One torch thread: on a shared machine it is faster than contending for every core, and it
     leaves a core to the clients.
     """
     port = free_port()
-    args = ["serve", str(model), "--port", str(port), "--threads", "1", *options]
-    with chatrl_server(args, port, tmp_path / "serve.log"):
+    limits = [f"--{name.replace('_', '-')}={value}" for name, value in SERVE_LIMITS.items()]
+    args = ["serve", str(model), "--port", str(port), "--threads", "1", *limits]
+    env = {**os.environ, "CHATRL_API_KEY": SERVE_KEY}
+    with chatrl_server(args, port, tmp_path / "serve.log", env):
         yield f"http://127.0.0.1:{port}"

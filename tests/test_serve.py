@@ -15,31 +15,24 @@ import time
 import httpx
 import openai
 import pytest
-from servers import chat_server
+from servers import SERVE_KEY, SERVE_LIMITS
 
 from chatrl.chat_format import encode_prompt
 from chatrl.engine import SamplingParams
 
 pytestmark = pytest.mark.slow
 
-KEY = "sk-test-key"
+KEY = SERVE_KEY
 AUTH = {"Authorization": f"Bearer {KEY}"}
-MAX_QUEUE, MAX_N, MAX_TOKENS, MAX_BYTES = 64, 4, 400, 20_000
+MAX_QUEUE, MAX_N = SERVE_LIMITS["max_queue"], SERVE_LIMITS["max_n"]
+MAX_TOKENS, MAX_BYTES = SERVE_LIMITS["max_tokens_limit"], SERVE_LIMITS["max_request_bytes"]
 CONTEXT = 512  # the micro model's max_position_embeddings
 HELLO = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture(scope="module")
-def url(micro_model, tmp_path_factory):
-    """The server's base URL; its API key comes from CHATRL_API_KEY."""
-    limits = ["--max-queue", MAX_QUEUE, "--max-n", MAX_N, "--max-tokens-limit", MAX_TOKENS]
-    limits += ["--max-request-bytes", MAX_BYTES]
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("CHATRL_API_KEY", KEY)
-        tmp = tmp_path_factory.mktemp("serve")
-        with chat_server(micro_model, tmp, *map(str, limits)) as base:
-            env.undo()
-            yield base
+def url(serve_url):
+    return serve_url
 
 
 @pytest.fixture(scope="module")

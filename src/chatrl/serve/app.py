@@ -72,13 +72,8 @@ class APIError(Exception):
         code: str | None = None,
     ):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = (
-            status,
-            message,
-            kind,
-            param,
-            code,
-        )
+        self.status, self.message, self.kind = status, message, kind
+        self.param, self.code = param, code
 
     def body(self) -> dict[str, Any]:
         return {
@@ -305,15 +300,17 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
+    def health() -> JSONResponse:
+        status = "ok" if worker.alive else "the generation thread has stopped"
+        figures = {
+            "status": status,
             "model": settings.model_name,
             "queued_or_running": worker.jobs,
             "open_streams": worker.open_streams,
             "batches": worker.batches,
             "completed": worker.completed,
         }
+        return JSONResponse(figures, status_code=200 if worker.alive else 503)
 
     def model_card() -> dict[str, Any]:
         return {

@@ -64,6 +64,10 @@ class GenerationWorker:
         self._thread.join(timeout)
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def jobs(self) -> int:
         """Jobs queued or running."""
         return self._jobs

@@ -1,0 +1,129 @@
+"""``chatrl serve`` under load: one streaming client, 32 concurrent streaming clients, and 32
+concurrent non-streaming clients (which the worker batches), on the bench model (10.49 M
+parameters, randomly initialised) served as a real process on a loopback port.
+
+Each client asks for up to 64 tokens at temperature 1 (a random model rarely stops early;
+tokens are counted from ``usage``). Reports generated tokens/s over the wall time of each
+phase, time to first streamed token, and the worst ``GET /health`` latency while 32 streams
+run (the event loop must stay responsive). The machine may be shared: compare phases, not runs.
+
+    python bench/serve.py [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+import common  # noqa: E402
+from servers import free_port, wait_until_up  # noqa: E402
+
+from chatrl.models import save_model  # noqa: E402
+
+CLIENTS, MAX_TOKENS = 32, 64
+BODY = {"messages": [{"role": "user", "content": "Tell me about the river."}], "max_tokens": 64}
+
+
+async def stream_one(client: httpx.AsyncClient) -> tuple[float, int]:
+    """Seconds to the first content chunk, and completion tokens."""
+    body = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+    start, first, tokens = time.perf_counter(), None, 0
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None and chunk["choices"][0]["delta"].get("content"):
+                first = time.perf_counter() - start
+    return first or 0.0, tokens
+
+
+async def complete_one(client: httpx.AsyncClient) -> int:
+    response = await client.post("/v1/chat/completions", json=BODY)
+    return response.json()["usage"]["completion_tokens"]
+
+
+async def health_latency(client: httpx.AsyncClient, stop: asyncio.Event) -> float:
+    worst = 0.0
+    while not stop.is_set():
+        start = time.perf_counter()
+        await client.get("/health")
+        worst = max(worst, time.perf_counter() - start)
+        await asyncio.sleep(0.05)
+    return worst
+
+
+async def measure(url: str) -> dict[str, float]:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await stream_one(client)  # warm-up
+        start = time.perf_counter()
+        first, tokens = await stream_one(client)
+        one = {"one_stream_tokens_per_s": tokens / (time.perf_counter() - start)}
+        one["one_stream_first_token_s"] = first
+
+        stop = asyncio.Event()
+        probe = asyncio.create_task(health_latency(client, stop))
+        start = time.perf_counter()
+        streams = await asyncio.gather(*(stream_one(client) for _ in range(CLIENTS)))
+        wall = time.perf_counter() - start
+        stop.set()
+        firsts = [f for f, _ in streams]
+        many = {
+            "streams_32_tokens_per_s": sum(t for _, t in streams) / wall,
+            "streams_32_wall_s": wall,
+            "streams_32_first_token_median_s": statistics.median(firsts),
+            "streams_32_first_token_max_s": max(firsts),
+            "health_worst_latency_s": await probe,
+        }
+
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(complete_one(client) for _ in range(CLIENTS))))
+        wall = time.perf_counter() - start
+        batched = {"batched_32_tokens_per_s": tokens / wall, "batched_32_wall_s": wall}
+        health = (await client.get("/health")).json()
+        batched["batched_32_engine_calls"] = health["batches"]
+    return {**one, **many, **batched}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the server")
+    args = parser.parse_args()
+    tokenizer = common.bench_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(common.bench_model(tokenizer), tokenizer, Path(tmp) / "model")
+        port = free_port()
+        command = [sys.executable, "-m", "chatrl", "serve", str(Path(tmp) / "model")]
+        command += ["--port", str(port)]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        log = Path(tmp) / "serve.log"
+        with log.open("w") as out:
+            server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_until_up(url, server, log)
+            figures = asyncio.run(measure(url))
+        finally:
+            server.terminate()
+            server.wait()
+    for name, value in figures.items():
+        print(f"{name:36s} {value:10.3f}")
+    print(json.dumps({"bench": "serve", "threads": args.threads, **figures}))
+
+
+if __name__ == "__main__":
+    main()
