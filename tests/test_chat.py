@@ -1,4 +1,5 @@
-"""``chatrl chat`` as a real subprocess on pipes: multi-turn, commands, Ctrl-C, Ctrl-D.
+"""``chatrl chat`` as a real subprocess on pipes: multi-turn, commands, Ctrl-C, Ctrl-D, and
+control characters in replies shown escaped.
 
 Greedy decoding makes every reply predictable: the engine, in this process, must write the
 same text for the same conversation.
@@ -19,6 +20,7 @@ import pytest
 
 from chatrl.data import load_conversations
 from chatrl.engine import SamplingParams
+from chatrl.serve.chat import printable
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +81,7 @@ def greedy(engine, messages):
 def shown(completion) -> str:
     """What the chat prints for a reply, up to the next prompt."""
     note = "\n[reply cut at --max-tokens]" if completion.finish_reason == "length" else ""
-    return f"{completion.text}{note}\n> "
+    return f"{printable(completion.text)}{note}\n> "
 
 
 def test_terminal_chat(micro_model, micro_engine, tmp_path):
@@ -123,12 +125,14 @@ def test_terminal_chat(micro_model, micro_engine, tmp_path):
         while len(chat.output) - chat.read_to < 3:
             time.sleep(0.002)
         chat.process.send_signal(signal.SIGINT)
-        partial = chat.expect("\n[stopped]\n> ").removesuffix("\n[stopped]\n> ")
-        assert 0 < len(partial) < len(full.text) and full.text.startswith(partial)
+        printed = chat.expect("\n[stopped]\n> ").removesuffix("\n[stopped]\n> ")
+        assert 0 < len(printed) < len(printable(full.text))
+        assert printable(full.text).startswith(printed)
         chat.send(f"/save {tmp_path / 'stopped.jsonl'}")
         chat.expect(f"(saved 3 messages to {tmp_path / 'stopped.jsonl'})\n> ")
-        stopped = load_conversations(tmp_path / "stopped.jsonl")
-        assert stopped == [[*hello, {"role": "assistant", "content": partial}]]
+        [stopped] = load_conversations(tmp_path / "stopped.jsonl")
+        assert stopped[:2] == hello and stopped[2]["role"] == "assistant"
+        assert printable(stopped[2]["content"]) == printed  # what was shown stays, unescaped
 
         # Ctrl-C at the prompt abandons the line; the chat goes on.
         chat.process.send_signal(signal.SIGINT)
@@ -141,6 +145,11 @@ def test_terminal_chat(micro_model, micro_engine, tmp_path):
         # Ctrl-D (end of input) leaves.
         chat.process.stdin.close()
         assert chat.process.wait(timeout=30) == 0
+
+        # The replies held control characters; the terminal got none of them raw.
+        controls = {chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]} - {"\n", "\t"}
+        assert controls & set(first.text + second.text + full.text)
+        assert not controls & set(chat.output)
     finally:
         if chat.process.poll() is None:
             chat.process.kill()

@@ -27,6 +27,16 @@ HELP = """\
 Ctrl-C stops a reply; Ctrl-D leaves."""
 
 
+# Control characters a reply may hold are shown escaped (\x1b), so that no reply can move the
+# cursor, clear the screen or retitle the terminal. Newlines and tabs print as themselves.
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\n\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` as the terminal shows it: control characters escaped."""
+    return text.translate(_CONTROLS)
+
+
 def say(text: str) -> None:
     print(text, flush=True)
 
@@ -116,7 +126,7 @@ def _print_stream(stream: Generator[str, None, Completion], parts: list[str]) ->
         except StopIteration as end:
             return end.value
         parts.append(part)
-        print(part, end="", flush=True)
+        print(printable(part), end="", flush=True)
 
 
 def run_chat(engine: Engine, params: SamplingParams, system: str | None = None) -> None:
