@@ -7,6 +7,7 @@ times and each side's median counts. tokens/s = batch x 64 / wall time of the wh
 (prefill included). The machine may be shared: compare the two columns, not runs.
 
     python bench/generate.py                     # batch 1, 16, 64; fp32 and bf16
+    python bench/generate.py --threads 1         # steadier on a machine shared with others
     python bench/generate.py --profile 16        # where the engine's time goes, batch 16
 """
 
@@ -123,8 +124,11 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,16,64")
     parser.add_argument("--dtypes", default="fp32,bf16")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--profile", type=int, metavar="BATCH", help="profile the engine instead")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     tokenizer = common.bench_tokenizer()
     model = common.bench_model(tokenizer).eval()
@@ -132,7 +136,8 @@ def main() -> None:
     print(
         f"bench model {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
         f"prompts {min(sizes)}-{max(sizes)} tokens (mean {statistics.mean(sizes):.1f}), "
-        f"{NEW_TOKENS} new tokens, {torch.get_num_threads()} threads"
+        f"{NEW_TOKENS} new tokens, {torch.get_num_threads()} threads",
+        flush=True,
     )
     if args.profile:
         profile(model, tokenizer, args.profile)
@@ -149,7 +154,14 @@ def main() -> None:
                 f"{r['ratio']:>5.2f}x",
                 flush=True,
             )
-    common.print_result({"bench": "generate", "new_tokens": NEW_TOKENS, "results": results})
+    common.print_result(
+        {
+            "bench": "generate",
+            "new_tokens": NEW_TOKENS,
+            "threads": torch.get_num_threads(),
+            "results": results,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@ serve) goes through ``Engine``.
 
 It drives a Hugging Face causal LM's forward itself, one call per step, instead of going through
 ``model.generate()``'s generic machinery, because for the small models chatrl trains on a CPU the
-per-step overhead is most of the cost:
+per-step overhead is a large part of the cost:
 
 - the KV cache is preallocated once per batch, sized to the batch and to the longest prompt plus
   ``max_new_tokens`` (never the model's context), and written in place (``KVCache``);
-- prompts are left-padded; the attention mask is a 4D boolean tensor built once, of which each
-  step passes a view, so the model skips its own mask construction;
+- prompts are left-padded; the attention mask is one additive tensor per batch, of which each
+  step passes a view, so the model never builds masks itself;
+- Llama, Mistral and Qwen2 models decode through ``_llama_decode``, which calls the model's own
+  modules without the generic forward's per-call machinery; other models go through their
+  forward with the same cache and mask;
 - sampling draws one uniform number per row and inverts the cumulative distribution, which is
   much cheaper on a CPU than ``torch.multinomial`` over the vocabulary;
 - rows that finished are dropped from the batch once a quarter of it has finished;
@@ -18,6 +21,9 @@ Log-probabilities come from the same fp32 logits the token was drawn from, so th
 a full forward pass over the finished sequence (up to float rounding): ``Completion.logprobs``
 under the sampling distribution, ``Completion.model_logprobs`` under the untempered model (what
 PPO's ratio needs).
+
+The interface (``SamplingParams`` in, ``Completion`` out, token ids both ways) is narrow on
+purpose, so that another backend (vLLM on a GPU) can stand behind it.
 """
 
 from __future__ import annotations
@@ -395,13 +401,13 @@ class _Batch:
 
 
 class Engine:
-    """Batched generation with a KV cache for any Hugging Face causal LM (peft-wrapped too).
+    """Batched generation with a KV cache for any Hugging Face causal LM (LoRA-wrapped too).
 
     The engine holds references, never copies: weights updated in place by training are used by
     the next call. ``stop_token_ids`` (default: end-of-turn and EOS) end a response; set it to
     an empty list to always generate ``max_new_tokens``. At most ``max_batch_size`` sequences
-    (prompts times ``n``) are generated at once; longer prompt lists run in chunks of prompts of
-    similar length.
+    (prompts times ``n``, but at least one prompt's ``n``) are generated at once; longer prompt
+    lists run in chunks of prompts of similar length.
     """
 
     def __init__(self, model, tokenizer, max_batch_size: int = 64):
