@@ -117,7 +117,7 @@ def sample_cmd(
     prompts: Annotated[Path, typer.Option(help='Prompts JSONL: {"messages": [...]} per line.')],
     out: Annotated[Path, typer.Option(help="Tasks JSONL to write.")],
     k: Annotated[int, typer.Option(help="Distinct responses per prompt.")] = 4,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (above 0).")] = 1.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass; 1 is off.")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(help="Longest response, in tokens.")] = 64,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
