@@ -65,7 +65,7 @@ def hf_runner(model, tokenizer, batch: list[list[int]]):
                 top_k=0,
                 top_p=1.0,
                 max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,
+                eos_token_id=None,  # never stop early (min_new_tokens would add a processor)
                 pad_token_id=tokenizer.pad_token_id,
             )
         return (out.shape[1] - ids.shape[1]) * len(batch)
@@ -75,7 +75,7 @@ def hf_runner(model, tokenizer, batch: list[list[int]]):
 
 def engine_runner(model, tokenizer, batch: list[list[int]]):
     engine = Engine(model, tokenizer, max_batch_size=len(batch))
-    engine.stop_token_ids = []  # force all 64 tokens, as min_new_tokens does for generate()
+    engine.stop_token_ids = []  # never stop early, as eos_token_id=None for generate()
     params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, seed=0)
 
     def run() -> int:

@@ -73,7 +73,7 @@ def hf_greedy(model, prompts: list[list[int]], pad: int, new_tokens: int) -> lis
         attention_mask=mask,
         do_sample=False,
         max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
+        eos_token_id=None,  # no early stop (min_new_tokens would suppress EOS and change argmax)
         pad_token_id=pad,
     )
     return out[:, width:].tolist()
