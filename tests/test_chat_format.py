@@ -18,7 +18,11 @@ CONV = [
 
 def labelled_text(tokenizer, encoded):
     return tokenizer.decode(
-        [t for t, label in zip(encoded.input_ids, encoded.labels, strict=False) if label != IGNORE_INDEX]
+        [
+            t
+            for t, label in zip(encoded.input_ids, encoded.labels, strict=True)
+            if label != IGNORE_INDEX
+        ]
     )
 
 
@@ -27,7 +31,7 @@ def test_only_assistant_turns_carry_labels_and_end_of_turn_is_included(micro_mod
     enc = encode_conversation(tok, CONV, max_length=512)
     assert labelled_text(tok, enc) == "5<|im_end|>\n2<|im_end|>\n"
     eot = tok.convert_tokens_to_ids("<|im_end|>")
-    labelled_eot = [t for t, label in zip(enc.input_ids, enc.labels, strict=False) if label == eot]
+    labelled_eot = [t for t, label in zip(enc.input_ids, enc.labels, strict=True) if label == eot]
     assert len(labelled_eot) == 2  # both assistant turns teach the model to stop
     assert eot in stop_token_ids(tok)
 
