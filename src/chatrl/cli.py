@@ -15,6 +15,7 @@ from chatrl.errors import UserError
 from chatrl.label.commands import DEFAULT_DB as DEFAULT_LABEL_DB
 from chatrl.label.commands import DbOpt as LabelDbOpt
 from chatrl.label.commands import label_app
+from chatrl.teacher.commands import teacher_app
 from chatrl.world.commands import world_app
 
 app = typer.Typer(
@@ -163,6 +164,7 @@ def label_simulate_cmd(
 
 
 app.add_typer(world_app, name="world")
+app.add_typer(teacher_app, name="teacher")
 
 
 @app.command("eval")

@@ -129,7 +129,8 @@ def stats_cmd(
     db: DbOpt = DEFAULT_DB,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> None:
-    """Progress, rankings per annotator, and agreement on tasks ranked by several people."""
+    """Progress, rankings per annotator, agreement on tasks ranked by several people, and
+    each teacher model's agreement with people (`chatrl teacher rank --human-fraction`)."""
     stats = open_store(db).stats()
     if as_json:
         typer.echo(json.dumps(stats, indent=2))
@@ -148,3 +149,11 @@ def stats_cmd(
             f"agreement: {agreement['rate']:.1%} of {agreement['comparisons']} pairwise "
             f"comparisons on {agreement['tasks']} tasks ranked by several annotators"
         )
+    for teacher in stats["teachers"]:
+        if teacher["rate"] is None:
+            typer.echo(f"{teacher['name']}: no task ranked by people too yet")
+        else:
+            typer.echo(
+                f"{teacher['name']} agrees with people on {teacher['rate']:.1%} of "
+                f"{teacher['comparisons']} pairwise comparisons ({teacher['tasks']} tasks)"
+            )

@@ -57,6 +57,8 @@ MAX_RESPONSES = 9  # the page ranks with the number keys 1-9
 FLAG_KINDS = ("harmful", "untruthful")
 MAX_REWRITE_CHARS = 20_000
 MIGRATIONS = Path(__file__).parent / "migrations"
+# Annotators named so are models (`chatrl teacher rank`): stats compare them with people.
+TEACHER_PREFIX = "teacher:"
 
 
 def _now() -> datetime:
@@ -384,6 +386,29 @@ class LabelStore:
             session.flush()
             return _assignment(row, task)
 
+    def assign_extra(self, annotator_id: int, key: str) -> Assignment:
+        """Hand the task with this ``task_key`` to the annotator on top of the ``overlap``
+        annotators it waits for (a teacher model beside people): its overlap grows by one.
+        Returns the annotator's assignment of it when they already have one."""
+        with self._session.begin() as session:
+            task = session.scalars(
+                select(TaskRow).where(TaskRow.key == key).with_for_update()
+            ).first()
+            if task is None:
+                raise UserError(f"no task with key {key} in the labeling database")
+            row = session.scalars(
+                select(AssignmentRow).where(
+                    AssignmentRow.task_id == task.id, AssignmentRow.annotator_id == annotator_id
+                )
+            ).first()
+            if row is None:
+                task.overlap += 1
+                task.assigned += 1
+                row = AssignmentRow(task_id=task.id, annotator_id=annotator_id)
+                session.add(row)
+                session.flush()
+            return _assignment(row, task)
+
     def _own_assignment(self, session: Any, annotator_id: int, assignment_id: int):
         row = session.scalars(
             select(AssignmentRow).where(AssignmentRow.id == assignment_id).with_for_update()
@@ -467,13 +492,14 @@ class LabelStore:
         ]
 
     def stats(self) -> dict[str, Any]:
-        """Progress, per-annotator counts and agreement between annotators of shared tasks."""
+        """Progress, per-annotator counts, agreement between people on shared tasks and each
+        teacher model's agreement with people."""
         with self._session.begin() as session:
             overlaps = dict(session.execute(select(TaskRow.id, TaskRow.overlap)).all())
             rankings = session.execute(
-                select(AssignmentRow.task_id, AssignmentRow.ranking).where(
-                    AssignmentRow.submitted_at.is_not(None)
-                )
+                select(AssignmentRow.task_id, AnnotatorRow.name, AssignmentRow.ranking)
+                .join(AnnotatorRow, AssignmentRow.annotator_id == AnnotatorRow.id)
+                .where(AssignmentRow.submitted_at.is_not(None))
             ).all()
             per_annotator = session.execute(
                 select(
@@ -485,7 +511,8 @@ class LabelStore:
                 .group_by(AnnotatorRow.id, AnnotatorRow.name)
                 .order_by(AnnotatorRow.name)
             ).all()
-        done_per_task = Counter(task_id for task_id, _ in rankings)
+        done_per_task = Counter(task_id for task_id, _, _ in rankings)
+        teachers = sorted({name for _, name, _ in rankings if name.startswith(TEACHER_PREFIX)})
         return {
             "tasks": len(overlaps),
             "tasks_done": sum(done_per_task[t] >= overlap for t, overlap in overlaps.items()),
@@ -495,7 +522,10 @@ class LabelStore:
                 {"name": name, "done": done, "open": total - done}
                 for name, done, total in per_annotator
             ],
-            "agreement": agreement([(task_id, ranking) for task_id, ranking in rankings]),
+            "agreement": agreement(
+                [(task_id, ranking) for task_id, name, ranking in rankings if name not in teachers]
+            ),
+            "teachers": [teacher_agreement(rankings, name) for name in teachers],
         }
 
 
@@ -509,15 +539,36 @@ def agreement(rankings: list[tuple[int, list[int]]]) -> dict[str, Any]:
     for task_id, ranking in rankings:
         by_task.setdefault(task_id, []).append(ranking)
     shared = {task_id: rs for task_id, rs in by_task.items() if len(rs) > 1}
-    agreed = compared = 0
-    for rs in shared.values():
-        positions = [{response: place for place, response in enumerate(r)} for r in rs]
-        for a, b in combinations(positions, 2):
-            for i, j in combinations(range(len(a)), 2):
-                compared += 1
-                agreed += (a[i] < a[j]) == (b[i] < b[j])
+    counts = [_agreed_pairs(a, b) for rs in shared.values() for a, b in combinations(rs, 2)]
+    return _agreement_figures(len(shared), counts)
+
+
+def teacher_agreement(rankings: list[tuple[int, str, list[int]]], teacher: str) -> dict[str, Any]:
+    """How often people order a pair of responses as the teacher model ``teacher`` does, on
+    the tasks both ranked. ``rankings`` holds (task id, annotator name, ranking) triples;
+    other teachers' rankings are left out."""
+    own = {task_id: ranking for task_id, name, ranking in rankings if name == teacher}
+    people = [
+        (task_id, ranking)
+        for task_id, name, ranking in rankings
+        if task_id in own and not name.startswith(TEACHER_PREFIX)
+    ]
+    counts = [_agreed_pairs(own[task_id], ranking) for task_id, ranking in people]
+    return {"name": teacher, **_agreement_figures(len({t for t, _ in people}), counts)}
+
+
+def _agreed_pairs(a: list[int], b: list[int]) -> tuple[int, int]:
+    """(pairs ordered alike, pairs compared) between two rankings of the same responses."""
+    place_a = {response: place for place, response in enumerate(a)}
+    place_b = {response: place for place, response in enumerate(b)}
+    pairs = list(combinations(range(len(a)), 2))
+    return sum((place_a[i] < place_a[j]) == (place_b[i] < place_b[j]) for i, j in pairs), len(pairs)
+
+
+def _agreement_figures(tasks: int, counts: list[tuple[int, int]]) -> dict[str, Any]:
+    agreed, compared = sum(a for a, _ in counts), sum(c for _, c in counts)
     return {
-        "tasks": len(shared),
+        "tasks": tasks,
         "comparisons": compared,
         "rate": agreed / compared if compared else None,
     }
