@@ -79,12 +79,14 @@ class ResumableJsonl:
                 )
             self.done.add(key)
 
-    def append(self, record: dict[str, Any]) -> None:
+    async def append(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line and sync it to disk."""
         data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
         while data:  # one write for a regular file; the loop only guards a short write
             data = data[os.write(self.fd, data) :]
-        os.fsync(self.fd)
+        # In a thread: the event loop keeps serving the other requests meanwhile, and one
+        # fsync covers every line written before it, so concurrent appends share the wait.
+        await asyncio.to_thread(os.fsync, self.fd)
         key = record_key(record)
         if key is not None:
             self.done.add(key)
@@ -198,7 +200,7 @@ async def run_batch(
                 async def one(job: AnyJob) -> None:
                     record = await handle(client, job)
                     if record is not None:
-                        log.append(record)
+                        await log.append(record)
                         report.written += 1
                     advance()
 
