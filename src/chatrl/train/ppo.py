@@ -717,6 +717,14 @@ def train_ppo(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> 
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "train_config.json", {"stage": "ppo", **cfg.model_dump()})
 
+    shown: list[str] = []  # the caller's metric names, shown on the progress bar too
+
+    def held_out(metas, texts, stopped) -> dict[str, float]:
+        found = rollout_metrics(metas, texts, stopped)
+        shown[:] = found
+        return found
+
+    hook = held_out if rollout_metrics is not None else None
     unwrapped = accelerator.unwrap_model(prepared)
     engine = Engine(unwrapped.policy, tokenizer, max_batch_size=cfg.rollout_batch_size)
     models = Models(
@@ -734,7 +742,7 @@ def train_ppo(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> 
                     [eval_prompts[i] for i in my_eval],
                     [eval_ids[i] for i in my_eval],
                     accelerator,
-                    rollout_metrics,
+                    hook,
                 ),
             )
 
@@ -756,7 +764,7 @@ def train_ppo(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> 
                 kl_ctl.value,
                 step_seed,
                 accelerator,
-                rollout_metrics,
+                hook,
             )
             metrics = process_mean(accelerator, metrics)
             if cfg.kl_budget is not None and metrics["kl"] > cfg.kl_budget:
@@ -790,6 +798,7 @@ def train_ppo(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> 
             done = step + 1
             log.log(done, **metrics)
             info = f"rm {metrics['rm_score']:+.3f}  kl {metrics['kl']:.2f}  "
+            info += "".join(f"{name} {metrics[name]:.3f}  " for name in shown)
             info += f"stop {metrics['stopped']:.0%}  {metrics['samples_per_s']:.1f} samples/s"
             bar.update(task, completed=done, info=info)
             if cfg.eval_steps and done % cfg.eval_steps == 0 and done < len(schedule):
