@@ -362,3 +362,38 @@ def test_normalises_over_sft_samples_for_the_prompts(micro_model, tmp_path):
     rewards = RewardScorer(out).score(questions, samples)
     assert abs(rewards.mean().item()) < 1e-4
     assert rewards.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_does(
+    micro_model, tmp_path, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    data = write_rankings(tmp_path / "r.jsonl", 24, k=3)
+    common = dict(
+        model=str(micro_model), data=str(data), per_device_train_batch_size=4, save_steps=2,
+        learning_rate=1e-3, bf16=False,
+    )  # fmt: skip
+    straight = train_reward(RMConfig(**common, out=str(tmp_path / "a")))
+
+    save = reward.save_checkpoint
+
+    def save_then_die(accelerator, out, state, world_size):
+        save(accelerator, out, state, world_size)
+        if state.step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(reward, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_reward(RMConfig(**common, out=str(tmp_path / "b")))
+    monkeypatch.setattr(reward, "save_checkpoint", save)
+    with pytest.raises(UserError, match="--resume"):
+        train_reward(RMConfig(**common, out=str(tmp_path / "b")))
+    resumed = train_reward(RMConfig(**common, out=str(tmp_path / "b"), resume=True))
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    steps = [
+        json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == sorted(steps) and steps[-1] == 6
