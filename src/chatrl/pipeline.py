@@ -272,7 +272,7 @@ def run_sample(run: Run) -> None:
 def run_label(run: Run) -> None:
     """Rankings of the sampled tasks, by simulated annotators or by people in the app."""
     from chatrl.data import load_tasks
-    from chatrl.label.store import LabelStore, simulate
+    from chatrl.label.store import LabelStore, simulate, task_key
 
     cfg, out = run.cfg, run.stage_dir("label")
     db = cfg.label.db or f"sqlite:///{out / 'labels.db'}"
@@ -289,7 +289,8 @@ def run_label(run: Run) -> None:
             sets = [(Prompt(t.prompt, t.meta), t.responses) for t in tasks[:500]]
             run.metrics["annotators"] = agreement_report(team, sets)
         rankings = store.rankings()
-        needed = cfg.label.min_rankings or len(tasks)
+        # Identical tasks (same prompt, same responses) are stored once.
+        needed = cfg.label.min_rankings or len({task_key(t) for t in tasks})
         if len(rankings) < needed:
             raise WaitingForLabels(
                 f"{len(rankings)} of {needed} rankings are in. Open the labeling app:\n"
