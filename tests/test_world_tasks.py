@@ -182,6 +182,10 @@ def test_pretrain_text_is_plain_seeded_and_true():
         assert int(result) == expected
     for country, capital in re.findall(r"The capital of (\w+) is (\w+)\.", joined):
         assert capital == CAPITALS[country]
+    assert "What is" in joined  # questions with their answers, from the training pool only
+    for prompt in make_prompts(300, 0, "heldout"):
+        if prompt.meta["family"] in ("arithmetic", "facts", "text", "list"):
+            assert prompt.messages[-1]["content"] not in joined
 
 
 def test_world_commands_write_loadable_files(tmp_path):

@@ -177,8 +177,8 @@ def _answer_correct(text: str, meta: dict[str, Any]) -> bool:
     if family in ("text", "facts"):
         return _word_correct(text, meta)
     if family == "smalltalk":
-        return _mentions(text, SMALLTALK[meta["task"]][2])
-    return _mentions(text, BORDERLINE[meta["task"]][2])
+        return _mentions(text, SMALLTALK[meta["task"]].keywords)
+    return _mentions(text, BORDERLINE[meta["task"]].keywords)
 
 
 def judge(prompt: Prompt, response: str, finished: bool = True) -> Judgement:
