@@ -45,9 +45,10 @@ def test_sample_writes_k_distinct_responses_per_prompt(micro_model, prompts_file
     assert [t.meta for t in tasks] == [p.get("meta", {}) for p in PROMPTS]
     for task in tasks:
         assert len(task.responses) == len(set(task.responses)) == 3
-    first = out.read_text()
-    assert chatrl(*args).returncode == 0
-    assert out.read_text() == first  # same seed, same tasks
+    again = tmp_path / "again.jsonl"
+    params = SamplingParams(max_new_tokens=8, seed=0)
+    sample_tasks(micro_model, prompts_file, again, 3, params, batch_size=4)
+    assert again.read_text() == out.read_text()  # same seed, same tasks
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
