@@ -397,3 +397,34 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_does(
         json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == sorted(steps) and steps[-1] == 6
+
+
+def test_an_encoder_checkpoint_without_a_chat_template_trains_and_scores(micro_model, tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_model)
+    tokenizer.chat_template = None
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    data = write_rankings(tmp_path / "r.jsonl", 16)
+    out = train_reward(
+        RMConfig(
+            model=str(tmp_path / "bert"), data=str(data), out=str(tmp_path / "rm"), max_steps=2
+        )
+    )
+    prompts = [user("What is 2 plus 3?")] * 2
+    responses = ["The answer is 5.", "What is the cat? It sat."]
+    scored = RewardScorer(out).score(prompts, responses, raw=True)
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    saved = AutoTokenizer.from_pretrained(out)  # it has ChatML now
+    for i, response in enumerate(responses):
+        text = saved.apply_chat_template(
+            [*prompts[i], {"role": "assistant", "content": response}], tokenize=False
+        )
+        with torch.no_grad():
+            plain = model(saved(text, return_tensors="pt").input_ids).logits[0, 0].item()
+        assert scored[i].item() == pytest.approx(plain, abs=1e-4)
