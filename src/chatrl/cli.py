@@ -480,7 +480,11 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        # Under torchrun every process prints its own errors: say which one failed.
+        who = f" (process {os.environ['RANK']})" if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        err_console.print(
+            f"[bold red]error{who}:[/] {escape(str(e))}", highlight=False, soft_wrap=True
+        )
         sys.exit(2)
     except typer.TyperException as e:  # usage errors from typer's own click
         e.show()

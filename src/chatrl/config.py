@@ -33,8 +33,15 @@ class LMConfig(StageConfig):
     eval_data: str | None = Field(None, description="held-out data for the periodic eval loss")
     seed: int = Field(0, description="random seed (data order, init, dropout)")
     max_length: int = Field(256, gt=0, description="tokens per row; longer examples are cut")
-    per_device_train_batch_size: int = Field(16, gt=0, description="rows per step per process")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per update")
+    per_device_train_batch_size: int = Field(
+        16, gt=0, description="rows per forward pass (micro-batch) on each process"
+    )
+    gradient_accumulation_steps: int = Field(
+        1,
+        gt=0,
+        description="micro-batches per update: the global batch is this times "
+        "per_device_train_batch_size whatever the number of processes (they split it)",
+    )
     learning_rate: float = Field(1e-3, gt=0, description="peak AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_ratio: float = Field(0.05, ge=0, le=1, description="share of steps for linear warm-up")
@@ -42,6 +49,11 @@ class LMConfig(StageConfig):
     max_steps: int | None = Field(None, gt=0, description="stop after this many updates")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     bf16: bool = Field(True, description="bf16 autocast (CPU with AVX-512 bf16, or GPU)")
+    fsdp: bool = Field(
+        False,
+        description="shard weights, gradients and optimiser state over the processes (FSDP) "
+        "instead of a full copy on each (DDP); see docs/scaling.md",
+    )
     packing: bool = Field(False, description="pack short examples into full rows")
     use_peft: bool = Field(False, description="train LoRA adapters instead of all weights")
     lora_r: int = Field(16, gt=0, description="LoRA rank")
@@ -135,8 +147,15 @@ class RMConfig(StageConfig):
     max_length: int | None = Field(
         None, gt=0, description="tokens per prompt + response (default: the model's context)"
     )
-    per_device_train_batch_size: int = Field(16, gt=0, description="rankings per step per process")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per update")
+    per_device_train_batch_size: int = Field(
+        16, gt=0, description="rankings per forward pass (micro-batch) on each process"
+    )
+    gradient_accumulation_steps: int = Field(
+        1,
+        gt=0,
+        description="micro-batches per update: the global batch is this times "
+        "per_device_train_batch_size whatever the number of processes (they split it)",
+    )
     learning_rate: float = Field(1e-4, gt=0, description="peak AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_ratio: float = Field(0.05, ge=0, le=1, description="share of steps for linear warm-up")
@@ -150,6 +169,11 @@ class RMConfig(StageConfig):
         0.0, ge=0, description="penalty on (r_w + r_l)^2 that keeps rewards centred (TRL's)"
     )
     bf16: bool = Field(True, description="bf16 autocast (CPU with AVX-512 bf16, or GPU)")
+    fsdp: bool = Field(
+        False,
+        description="shard weights, gradients and optimiser state over the processes (FSDP) "
+        "instead of a full copy on each (DDP); see docs/scaling.md",
+    )
     use_peft: bool = Field(False, description="train LoRA adapters (and the head) only")
     lora_r: int = Field(16, gt=0, description="LoRA rank")
     lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
@@ -244,5 +268,5 @@ def describe(cls: type[StageConfig]) -> str:
     for name, field in cls.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = "required" if field.is_required() else f"default {field.default!r}"
-        lines.append(f"{flag}  ({default})  {field.description or ''}")
-    return "\n\n".join(lines)
+        lines.append(f"* `{flag}` ({default}): {field.description or ''}")
+    return "\n".join(lines)

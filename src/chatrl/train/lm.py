@@ -2,7 +2,8 @@
 
 SFT's loss covers assistant tokens only (end-of-turn included); pretraining's covers every token.
 The loss is summed over the global batch's target tokens and divided by their count, so the
-result does not depend on how the batch is split into micro-batches or processes.
+result does not depend on how the batch is split into micro-batches or processes
+(docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from chatrl.models import load_causal_lm, save_model
 from chatrl.train.loop import (
     MetricsLog,
     TrainerState,
+    accumulate,
     add_lora,
+    check_replicas,
     global_batches,
     has_checkpoint,
     load_checkpoint,
@@ -30,11 +33,14 @@ from chatrl.train.loop import (
     make_optimizer,
     make_scheduler,
     micro_batches,
+    prepare,
+    process_micro_batches,
+    process_sum,
     progress_bar,
     remove_checkpoint,
     save_checkpoint,
     seed_everything,
-    shard,
+    trained_module,
 )
 
 
@@ -124,6 +130,12 @@ def eval_loss(
     return total / max(count, 1)
 
 
+def build_model(cfg: LMConfig):
+    """The model to train and its tokenizer: ``cfg.model``, under LoRA adapters if asked."""
+    model, tokenizer = load_causal_lm(cfg.model)
+    return (add_lora(model, cfg) if cfg.use_peft else model), tokenizer
+
+
 def train_lm(cfg: LMConfig, kind: str) -> Path:
     """Pretrain (``kind="pretrain"``) or fine-tune (``kind="sft"``) a causal LM; return --out."""
     out = Path(cfg.out)
@@ -132,24 +144,22 @@ def train_lm(cfg: LMConfig, kind: str) -> Path:
             f"{out} holds a checkpoint of an unfinished run; pass --resume to continue it, "
             "or choose another --out"
         )
-    accelerator = make_accelerator(cfg.bf16)
+    accelerator = make_accelerator(cfg.bf16, cfg.fsdp)
+    seed_everything(cfg.seed)
+    model, tokenizer = build_model(cfg)
     seed_everything(cfg.seed, accelerator.process_index)
-    model, tokenizer = load_causal_lm(cfg.model)
     rows = build_rows(cfg, tokenizer, kind, cfg.data)
     eval_rows = build_rows(cfg, tokenizer, kind, cfg.eval_data) if cfg.eval_data else []
-    if cfg.use_peft:
-        model = add_lora(model, cfg)
 
-    per_update = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    schedule = global_batches(
-        len(rows), per_update * accelerator.num_processes, cfg.seed, cfg.num_train_epochs
-    )
+    # The global batch is the same however many processes share it (docs/scaling.md).
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    schedule = global_batches(len(rows), global_batch, cfg.seed, cfg.num_train_epochs)
     if cfg.max_steps is not None:
         schedule = schedule[: cfg.max_steps]
     loss_module = CausalLMLoss(model)
     optimizer = make_optimizer(loss_module, cfg.learning_rate, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, len(schedule), cfg.warmup_ratio)
-    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    loss_module, optimizer = prepare(accelerator, loss_module, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
     log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
@@ -169,20 +179,24 @@ def train_lm(cfg: LMConfig, kind: str) -> Path:
             # Every process divides by the global target count; DDP averages gradients over
             # processes, so scale back up by their number.
             scale = accelerator.num_processes / max(target_count(global_rows), 1)
-            mine = shard(schedule[step], accelerator)
+            pieces = process_micro_batches(
+                schedule[step], cfg.per_device_train_batch_size, accelerator
+            )
             loss_total = 0.0
-            for micro in micro_batches(mine, cfg.per_device_train_batch_size):
+            for micro, weight in accumulate(accelerator, loss_module, pieces, schedule[step][:1]):
                 tensors = collate([rows[i] for i in micro], pad_id)
                 tensors = {k: v.to(accelerator.device) for k, v in tensors.items()}
                 with accelerator.autocast():
                     loss_sum, _ = loss_module(**tensors)
-                accelerator.backward(loss_sum * scale)
-                loss_total += loss_sum.item() * scale / accelerator.num_processes
-                tokens_seen += sum(len(rows[i].input_ids) for i in micro)
+                accelerator.backward(loss_sum * scale * weight)
+                loss_total += loss_sum.item() * scale * weight / accelerator.num_processes
+                tokens_seen += sum(len(rows[i].input_ids) for i in micro) * weight
             grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            check_replicas(accelerator, loss_module, step + 1)
+            (loss_total,) = process_sum(accelerator, loss_total)
 
             done = step + 1
             elapsed = time.perf_counter() - started
@@ -216,8 +230,9 @@ def train_lm(cfg: LMConfig, kind: str) -> Path:
             ),
         )
     accelerator.wait_for_everyone()
+    trained = trained_module(accelerator, loss_module, lambda: CausalLMLoss(build_model(cfg)[0]))
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(loss_module).model, tokenizer, out)
+        save_model(trained.model, tokenizer, out)
         remove_checkpoint(out)
     accelerator.wait_for_everyone()
     return out

@@ -1,19 +1,23 @@
 """The shared training-loop pieces: Accelerate setup, optimiser and schedule, data order,
 checkpoints and resumption, metrics log, progress bar.
 
-Every trainer runs through Accelerate, so one code path serves one CPU process, DDP and FSDP:
-only the main process writes files, each process gets its own seed derived from the run seed,
-and each takes its own slice of every global batch.
+Every trainer runs through Accelerate, so one code path serves one CPU process, DDP and FSDP
+(docs/scaling.md): only the main process writes files, each process gets its own seed derived
+from the run seed, and each takes its own slice of every global batch. An update's global batch
+does not depend on the number of processes (they split its micro-batches between them), so a run
+ends where a one-process run with the same settings does, within floating-point noise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -35,24 +40,66 @@ from transformers import get_cosine_schedule_with_warmup
 from chatrl.errors import UserError
 
 CHECKPOINT_DIR = "checkpoint"
+CHECK_REPLICAS = "CHATRL_CHECK_REPLICAS"  # env var: compare weights across processes every step
 
 
-def make_accelerator(bf16: bool, gradient_accumulation_steps: int = 1) -> Accelerator:
-    """An Accelerator with bf16 autocast when asked (CPU or GPU).
+def make_accelerator(bf16: bool, fsdp: bool = False) -> Accelerator:
+    """An Accelerator with bf16 autocast when asked, on the GPU if there is one.
 
-    Accelerate keeps its settings in a process-wide singleton; a later stage in the same
-    process (the pipeline, tests) may want another precision, so that part is reset. The
-    distributed part (PartialState) is kept.
+    Under ``torchrun`` or ``accelerate launch`` it joins the process group (gloo on CPU, NCCL on
+    GPU). ``fsdp`` shards parameters, gradients and optimiser state over the processes
+    (FSDP2, one shard unit per transformer block, see ``prepare``); otherwise each process
+    holds a full copy (DDP). Accelerate keeps its settings in a process-wide singleton; a later
+    stage in the same process (the pipeline, tests) may want another precision, so that part
+    is reset. The distributed part (PartialState) is kept.
     """
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(
+    plugin = None
+    if fsdp:
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
+            state_dict_type="SHARDED_STATE_DICT",
+        )
+    accelerator = Accelerator(
+        # Without cpu=True, Accelerate ignores torchrun's process group on a machine without a
+        # GPU: every process would train alone on the whole batch.
+        cpu=not torch.accelerator.is_available(),
         mixed_precision="bf16" if bf16 else "no",
-        gradient_accumulation_steps=gradient_accumulation_steps,
+        fsdp_plugin=plugin,
     )
+    if plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        # Accelerate turns FSDP on for accelerator devices only and silently falls back to DDP
+        # on CPU, though torch's FSDP2 runs there on gloo. Switch it on as Accelerate does on a
+        # GPU (the process-wide part too: Accelerate re-reads it when it wraps the optimiser).
+        accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        if bf16:
+            plugin.set_mixed_precision("bf16")
+    return accelerator
+
+
+def prepare(accelerator: Accelerator, module: torch.nn.Module, *optimizers) -> tuple:
+    """``accelerator.prepare(module, *optimizers)``; under FSDP every transformer block of the
+    models inside ``module`` is its own shard unit, so a forward gathers one block's weights at
+    a time rather than the whole model's."""
+    plugin = accelerator.state.fsdp_plugin if accelerator.is_fsdp2 else None
+    if plugin is not None and plugin.transformer_cls_names_to_wrap is None:
+        blocks = {
+            name for m in module.modules() for name in getattr(m, "_no_split_modules", None) or []
+        }
+        plugin.transformer_cls_names_to_wrap = sorted(blocks)
+    return accelerator.prepare(module, *optimizers)
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
-    """Seed python, numpy and torch; each process gets ``seed + rank``."""
+    """Seed python, numpy and torch with ``seed + rank``.
+
+    Trainers seed with ``rank=0`` on every process while they build their models (a new head
+    or LoRA adapters start the same everywhere, as FSDP needs: it keeps each process's shard of
+    its own initial weights), then with their own rank (sampling, dropout).
+    """
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
     torch.manual_seed(seed + rank)
@@ -132,6 +179,85 @@ def micro_batches(indices: list[int], size: int) -> Iterator[list[int]]:
         yield indices[i : i + size]
 
 
+def process_micro_batches(batch: list[int], size: int, accelerator: Accelerator) -> list[list[int]]:
+    """This process's share of a global batch, split evenly into micro-batches of at most ``size``.
+
+    Every process gets the same number of micro-batches: DDP synchronises gradients and FSDP
+    gathers weights in every forward and backward, so a process that ran one pass fewer would
+    leave the others waiting. A process whose share runs short (a last batch smaller than
+    that, or with fewer rows than processes) gets empty micro-batches (see ``accumulate``).
+    """
+    per_process = math.ceil(len(batch) / accelerator.num_processes)
+    count = math.ceil(per_process / size)
+    mine = shard(batch, accelerator)
+    return [mine[i * len(mine) // count : (i + 1) * len(mine) // count] for i in range(count)]
+
+
+def accumulate(
+    accelerator: Accelerator, module: torch.nn.Module, pieces: list[list[int]], stand_in: list[int]
+) -> Iterator[tuple[list[int], float]]:
+    """Iterate one update's micro-batches, synchronising gradients on the last one only (DDP
+    all-reduces, FSDP reduce-scatters once per update rather than once per micro-batch).
+
+    Yields ``(indices, weight)``: weight 1, or 0 for an empty micro-batch, which becomes
+    ``stand_in`` — the trainer runs its pass with the loss times 0, which keeps this process in
+    step with the others without touching the gradients.
+    """
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(module):
+            yield (piece, 1.0) if piece else (stand_in, 0.0)
+
+
+def process_sum(accelerator: Accelerator, *values: float) -> list[float]:
+    """Each value summed over processes (for metrics: one small all-reduce)."""
+    if accelerator.num_processes == 1:
+        return list(values)
+    totals = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(totals, "sum").tolist()
+
+
+def check_replicas(accelerator: Accelerator, module: torch.nn.Module, step: int) -> None:
+    """With ``CHATRL_CHECK_REPLICAS=1``, stop when the processes' copies of the trained weights
+    differ after an update (DDP keeps them bit-identical; a difference means a process skipped
+    a synchronisation or stepped differently). A debugging aid: one all-gather per update.
+    Under FSDP each process holds different shards, so there is nothing to compare.
+    """
+    if (
+        os.environ.get(CHECK_REPLICAS) != "1"
+        or accelerator.num_processes == 1
+        or accelerator.distributed_type == DistributedType.FSDP
+    ):
+        return
+    params = [p.detach().double() for p in module.parameters() if p.requires_grad]
+    sums = torch.stack([torch.stack((p.sum(), p.square().sum())) for p in params]).flatten()
+    every = accelerator.gather(sums[None].to(accelerator.device)).cpu()
+    differing = [rank for rank in range(len(every)) if not torch.equal(every[rank], every[0])]
+    if differing:
+        raise RuntimeError(
+            f"step {step}: the weights of process(es) {differing} differ from process 0's"
+        )
+
+
+def trained_module(
+    accelerator: Accelerator, module: torch.nn.Module, rebuild: Callable[[], torch.nn.Module]
+) -> torch.nn.Module | None:
+    """The trained module, whole, on the main process; every process must call this.
+
+    Under FSDP each process holds a shard of every weight: the full state dict is gathered on
+    the main process (Accelerate's full-state-dict gather, offloaded to the CPU) and loaded into
+    a fresh copy from ``rebuild``; other processes get None. Otherwise ``module`` unwrapped.
+    """
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return accelerator.unwrap_model(module)
+    state = accelerator.get_state_dict(module)
+    if not accelerator.is_main_process:
+        return None
+    fresh = rebuild()
+    fresh.load_state_dict(state)
+    return fresh
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -148,8 +274,10 @@ def save_checkpoint(
 ) -> None:
     """Model, optimisers, schedulers, RNG states and the trainer state, written atomically.
 
-    Accelerate writes the state into a temporary directory; the main process then renames it
-    over the previous checkpoint, so a kill at any moment leaves one complete checkpoint.
+    Accelerate writes the state into a temporary directory (under FSDP, each process its own
+    shards, with torch.distributed.checkpoint); once every process is done, the main process
+    renames it over the previous checkpoint, so a kill at any moment leaves one complete
+    checkpoint.
     """
     final = out / CHECKPOINT_DIR
     tmp = out / f".{CHECKPOINT_DIR}.tmp"
@@ -157,6 +285,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every process's RNG state and shards are in tmp
     if accelerator.is_main_process:
         meta = {"step": state.step, "extra": state.extra or {}, "world_size": world_size}
         (tmp / "trainer_state.json").write_text(json.dumps(meta))
@@ -194,7 +323,8 @@ def load_checkpoint(accelerator: Accelerator, out: Path) -> TrainerState | None:
     if meta["world_size"] != accelerator.num_processes:
         raise UserError(
             f"{final}: checkpoint written by {meta['world_size']} process(es), but this run has "
-            f"{accelerator.num_processes}; resume with the same number of processes"
+            f"{accelerator.num_processes}; resume with the same number of processes (the "
+            "checkpoint holds each process's random state and, under FSDP, its shards)"
         )
     accelerator.load_state(str(final))
     return TrainerState(step=meta["step"], extra=meta["extra"])

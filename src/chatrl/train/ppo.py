@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 from torch import nn
 
 from chatrl.chat_format import (
@@ -50,6 +51,7 @@ from chatrl.train.loop import (
     MetricsLog,
     TrainerState,
     add_lora,
+    check_replicas,
     global_batches,
     load_checkpoint,
     make_accelerator,
@@ -491,7 +493,10 @@ def ppo_update(
     pad_id: int = 0,
 ) -> dict[str, float]:
     """Step 4: ``num_ppo_epochs`` passes over the rollout in ``num_mini_batches`` mini-batches,
-    one optimiser step each on the policy loss + vf_coef · value loss (+ γ_ptx · LM loss)."""
+    one optimiser step each on the policy loss + vf_coef · value loss (+ γ_ptx · LM loss).
+
+    Under DDP each process shuffles its own share of the rollout, and a mini-batch is every
+    process's m-th chunk; the policy and value losses are token means over all of them."""
     stats: dict[str, list[float]] = {}
     size = rollout.tokens.size(0)
     for epoch in range(cfg.num_ppo_epochs):
@@ -514,7 +519,13 @@ def ppo_update(
             vf_loss, vf_clip_frac = value_loss(
                 values, mb.values, mb.returns, mb.mask, cfg.cliprange_value
             )
-            loss = pg_loss + cfg.vf_coef * vf_loss
+            # DDP averages the processes' gradients: weighing each process's token mean by its
+            # share of the mini-batch's tokens makes that the mean over every token.
+            tokens = mb.mask.sum()
+            share = (
+                tokens * accelerator.num_processes / accelerator.reduce(tokens, "sum").clamp(min=1)
+            )
+            loss = (pg_loss + cfg.vf_coef * vf_loss) * share
             if ptx_loss is not None:
                 loss = loss + cfg.ptx_coef * ptx_loss
             accelerator.backward(loss)
@@ -662,6 +673,11 @@ def train_ppo(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> 
             "or choose another --out"
         )
     accelerator = make_accelerator(cfg.bf16)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise UserError(
+            "ppo does not run under FSDP (rollouts sample from the whole policy on every "
+            "process); launch it with DDP, with --use-peft and --value-head to save memory"
+        )
     seed_everything(cfg.seed, accelerator.process_index)
     per_update = check_batch_shape(cfg, accelerator.num_processes)
 
@@ -787,6 +803,7 @@ def train_ppo(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> 
                 )
             )
             timings["train"] = time.perf_counter() - started
+            check_replicas(accelerator, prepared, step + 1)
             metrics = process_mean(accelerator, metrics)
             metrics["kl_coef"] = kl_ctl.value
             kl_ctl.update(metrics["kl"], cfg.rollout_batch_size)

@@ -60,17 +60,21 @@ from chatrl.train.loop import (
     CHECKPOINT_DIR,
     MetricsLog,
     TrainerState,
+    accumulate,
     add_lora,
+    check_replicas,
     global_batches,
     load_checkpoint,
     make_accelerator,
     make_optimizer,
     make_scheduler,
-    micro_batches,
+    prepare,
+    process_micro_batches,
+    process_sum,
     progress_bar,
     save_checkpoint,
     seed_everything,
-    shard,
+    trained_module,
 )
 
 logger = logging.getLogger(__name__)
@@ -527,6 +531,14 @@ def prepare_model(path: str):
     return model, tokenizer, context_length(model, tokenizer)
 
 
+def build_reward_model(cfg: RMConfig):
+    """``prepare_model(cfg.model)``, the model under LoRA adapters if asked."""
+    model, tokenizer, context = prepare_model(cfg.model)
+    if cfg.use_peft:
+        model = add_lora(model, cfg, task_type="SEQ_CLS")
+    return model, tokenizer, context
+
+
 def train_reward(cfg: RMConfig) -> Path:
     """Train a reward model on rankings, normalise it, save it to ``cfg.out``; return the path."""
     out = Path(cfg.out)
@@ -535,9 +547,10 @@ def train_reward(cfg: RMConfig) -> Path:
             f"{out} holds a checkpoint of an unfinished run; pass --resume to continue it, "
             "or choose another --out"
         )
-    accelerator = make_accelerator(cfg.bf16)
+    accelerator = make_accelerator(cfg.bf16, cfg.fsdp)
+    seed_everything(cfg.seed)  # the same new head (and adapters) on every process
+    model, tokenizer, context = build_reward_model(cfg)
     seed_everything(cfg.seed, accelerator.process_index)
-    model, tokenizer, context = prepare_model(cfg.model)
     if cfg.max_length and context and cfg.max_length > context:
         raise UserError(f"max_length={cfg.max_length} exceeds the model's context ({context})")
     max_length = cfg.max_length or context
@@ -550,20 +563,17 @@ def train_reward(cfg: RMConfig) -> Path:
         if cfg.eval_data
         else ([], {})
     )
-    if cfg.use_peft:
-        model = add_lora(model, cfg, task_type="SEQ_CLS")
 
-    per_update = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    schedule = global_batches(
-        len(groups), per_update * accelerator.num_processes, cfg.seed, cfg.num_train_epochs
-    )
+    # The global batch is the same however many processes share it (docs/scaling.md).
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    schedule = global_batches(len(groups), global_batch, cfg.seed, cfg.num_train_epochs)
     if cfg.max_steps is not None:
         schedule = schedule[: cfg.max_steps]
     module = LastTokenReward(model)
     pools_last_token = module.pools_last_token
     optimizer = make_optimizer(module, cfg.learning_rate, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, len(schedule), cfg.warmup_ratio)
-    module, optimizer = accelerator.prepare(module, optimizer)
+    module, optimizer = prepare(accelerator, module, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
     log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
@@ -588,7 +598,8 @@ def train_reward(cfg: RMConfig) -> Path:
             # gradients over processes, so scale back up by their number.
             scale = accelerator.num_processes / len(schedule[step])
             loss_total, correct, pairs, reward_sum, responses = 0.0, 0, 0, 0.0, 0
-            for micro in micro_batches(shard(schedule[step], accelerator), batch_size):
+            pieces = process_micro_batches(schedule[step], batch_size, accelerator)
+            for micro, weight in accumulate(accelerator, module, pieces, schedule[step][:1]):
                 batch = collate_groups([groups[i] for i in micro], pad_id, pools_last_token)
                 batch = to_device(batch, accelerator.device)
                 with accelerator.autocast():
@@ -596,20 +607,24 @@ def train_reward(cfg: RMConfig) -> Path:
                 loss_sum, right = ranking_loss(
                     rewards, batch, cfg.margin, cfg.center_rewards_coefficient
                 )
-                accelerator.backward(loss_sum * scale)
-                loss_total += loss_sum.item() * scale / accelerator.num_processes
-                correct += right.item()
-                pairs += len(batch["winners"])
-                reward_sum += rewards.sum().item()
-                responses += len(rewards)
+                accelerator.backward(loss_sum * scale * weight)
+                loss_total += loss_sum.item() * scale * weight / accelerator.num_processes
+                correct += right.item() * weight
+                pairs += len(batch["winners"]) * weight
+                reward_sum += rewards.sum().item() * weight
+                responses += len(rewards) * weight
             grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            check_replicas(accelerator, module, step + 1)
+            loss_total, correct, pairs, reward_sum, responses = process_sum(
+                accelerator, loss_total, correct, pairs, reward_sum, responses
+            )
 
             done = step + 1
             pairs_seen += pairs
-            pairs_per_s = pairs_seen * accelerator.num_processes / (time.perf_counter() - started)
+            pairs_per_s = pairs_seen / (time.perf_counter() - started)
             accuracy = correct / pairs
             bar.update(
                 task,
@@ -636,8 +651,11 @@ def train_reward(cfg: RMConfig) -> Path:
     if held_out:
         log.log(len(schedule), eval_accuracy=held_out["all"]["accuracy"])
     accelerator.wait_for_everyone()
+    trained = trained_module(
+        accelerator, module, lambda: LastTokenReward(build_reward_model(cfg)[0])
+    )
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(module).model
+        model = trained.model
         if hasattr(model, "merge_and_unload"):  # LoRA
             model = model.merge_and_unload()
         pairs = normalisation_pairs(cfg, rankings, norm_prompts, accelerator.device)
