@@ -85,7 +85,9 @@ def evaluate_run(run: Path, prompts_path: Path, settings, seed: int) -> dict[str
     sft_samples = sft_engine.generate(prompt_ids, sample)
     sft_texts = _texts(sft_samples)
     out["sft"] = _row(prompts, *sft_texts, sft_texts) | {"kl_vs_sft": 0.0}
-    out["sft_greedy"] = _row(prompts, *_texts(sft_engine.generate(prompt_ids, greedy)), sft_texts)
+    # Greedy rows: the same log-ratio on the greedy responses (0 for SFT's own).
+    sft_greedy = _row(prompts, *_texts(sft_engine.generate(prompt_ids, greedy)), sft_texts)
+    out["sft_greedy"] = sft_greedy | {"kl_vs_sft": 0.0}
 
     n = settings.best_of
     many = sft_engine.generate(
@@ -109,7 +111,9 @@ def evaluate_run(run: Path, prompts_path: Path, settings, seed: int) -> dict[str
     ppo_samples = ppo_engine.generate(prompt_ids, sample)
     out["ppo"] = _row(prompts, *_texts(ppo_samples), sft_texts)
     out["ppo"]["kl_vs_sft"] = _kl_vs(sft_model, ppo_samples, prompt_ids)
-    out["ppo_greedy"] = _row(prompts, *_texts(ppo_engine.generate(prompt_ids, greedy)), sft_texts)
+    ppo_greedy = ppo_engine.generate(prompt_ids, greedy)
+    out["ppo_greedy"] = _row(prompts, *_texts(ppo_greedy), sft_texts)
+    out["ppo_greedy"]["kl_vs_sft"] = _kl_vs(sft_model, ppo_greedy, prompt_ids)
 
     perfect = [perfect_response(p) for p in prompts]
     out["perfect"] = _row(prompts, perfect, [True] * len(prompts), sft_texts) | {"kl_vs_sft": None}
