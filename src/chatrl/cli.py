@@ -326,7 +326,8 @@ def _run_and_report(config: Path, out: Path, from_stage: str | None) -> None:
     try:
         records = run_pipeline(config, out, from_stage)
     except WaitingForLabels as waiting:
-        err_console.print(f"[bold yellow]waiting for rankings:[/] {escape(str(waiting))}", highlight=False)
+        message = f"[bold yellow]waiting for rankings:[/] {escape(str(waiting))}"
+        err_console.print(message, highlight=False)
         raise typer.Exit(3) from None
     from chatrl.pipeline import load_run_config
 
@@ -337,10 +338,13 @@ def _run_and_report(config: Path, out: Path, from_stage: str | None) -> None:
 
 @app.command("run")
 def run_cmd(
-    config: Annotated[Path, typer.Argument(help="TOML file: a [section] per stage (see `chatrl demo`'s).")],
+    config: Annotated[Path, typer.Argument(help="TOML file, a [section] per stage (demo.toml).")],
     out: RunOut = Path("runs/run"),
     from_stage: Annotated[
-        str | None, typer.Option("--from", help="Rerun from this stage: model, sft, sample, label, rm, ppo, eval.")
+        str | None,
+        typer.Option(
+            "--from", help="Rerun from this stage: model, sft, sample, label, rm, ppo, eval."
+        ),
     ] = None,
 ) -> None:
     """Run the whole pipeline: base model -> SFT -> sample -> rank -> reward model -> PPO -> eval.
@@ -359,7 +363,7 @@ def demo_cmd(
 ) -> None:
     """The whole InstructGPT pipeline on the bundled world, in minutes on a laptop CPU.
 
-    Pretrains a small model on the world's text, fine-tunes it on flawed demonstrations,
+    Pretrains a tiny model on the world's text, fine-tunes it on flawed demonstrations,
     samples 4 responses per prompt, lets simulated annotators rank them, trains a reward
     model, runs PPO, and evaluates SFT, Best-of-8 and PPO on held-out prompts with the
     world's gold labeler. Ends with a report card (report.md, report.json, plots/).
@@ -477,6 +481,9 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     # Model loading and saving would otherwise draw progress bars of their own.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # transformers' load reports (e.g. "score.weight MISSING" when a reward model starts
+    # from an LM, as intended) would bury chatrl's own output.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app(standalone_mode=False)
     except UserError as e:
