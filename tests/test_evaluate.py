@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from chatrl.chat_format import encode_prompt
-from chatrl.cli import app
+from chatrl.cli import app, main
 from chatrl.data import read_jsonl, write_jsonl
 from chatrl.engine import Engine, SamplingParams
 from chatrl.evaluate import (
@@ -130,3 +131,16 @@ def test_eval_command_prints_a_table_and_writes_json(world_models, prompts, tmp_
     assert report["settings"]["temperature"] == 0.0
     assert report["model"]["n"] == 10 and "baseline" not in report
     assert report["perfect"]["mean_gold"] == 1.0
+
+
+def test_prompts_without_world_meta_fail_before_sampling(
+    world_models, tmp_path, monkeypatch, capsys
+):
+    path = tmp_path / "plain.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    args = ["chatrl", "eval", "--model", str(world_models[0]), "--prompts", str(path)]
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    assert "no world meta" in capsys.readouterr().err

@@ -148,10 +148,10 @@ def evaluate_model(
     """
     if not prompts:
         raise UserError("no prompts to evaluate")
+    perfect = [perfect_response(p) for p in prompts]  # checks the prompts' meta before sampling
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     model, tokenizer, completions = _sample(model_dir, prompts, params)
     texts, finished = _texts(completions)
-    perfect = [perfect_response(p) for p in prompts]
     model_metrics = evaluate_responses(prompts, texts, finished)
     model_metrics["mean_tokens"] = _mean([float(len(c.token_ids)) for c in completions])
     perfect_metrics = evaluate_responses(

@@ -480,6 +480,7 @@ def make_prompts(n: int, seed: int, split: str = "train") -> list[Prompt]:
 
 
 def perfect_text(meta: dict[str, Any]) -> str:
+    """The perfect response to the task a meta describes (a prompt's, or an earlier turn's)."""
     task, family = meta["task"], meta.get("base_family", meta["family"])
     answer = meta.get("answer")
     if family == "arithmetic":
