@@ -112,6 +112,9 @@ AND_OF = Prompt(
         (UPPER, "Cat", False),
         (COUNT, 'The letter o appears 2 times in "book".', True),
         (COUNT, "3", False),
+        (COUNT, "2", True),
+        (COUNT, 'The letter k appears 2 times in "book".', False),  # right number, wrong letter
+        (COUNT, 'The letter o appears 2 times in "moon".', False),  # right number, wrong word
         # facts
         (CAPITAL, "The capital of France is Paris.", True),
         (CAPITAL, "Paris", True),

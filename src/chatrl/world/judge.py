@@ -170,9 +170,23 @@ def _mentions(text: str, keywords: tuple[str, ...]) -> bool:
     return any(re.search(rf"(?<![a-z]){re.escape(k)}(?![a-z])", low) for k in keywords)
 
 
+def _count_correct(text: str, meta: dict[str, Any]) -> bool:
+    """A count is right when the number is, and the response counts the asked letter in the
+    asked word (the right number about another letter is a wrong sentence)."""
+    letters = re.findall(r"\bletter \"?([a-z])\b", text.lower())
+    words = [w for w in re.findall(r"[A-Za-z]+", text) if w.lower() in WORDS]
+    return (
+        _number_correct(text, meta)
+        and all(letter == meta["letter"] for letter in letters)
+        and all(w.lower() == meta["word"] for w in words)
+    )
+
+
 def _answer_correct(text: str, meta: dict[str, Any]) -> bool:
     family = meta.get("base_family", meta["family"])
-    if family in ("arithmetic", "list") or meta["task"] == "count":
+    if meta["task"] == "count":
+        return _count_correct(text, meta)
+    if family in ("arithmetic", "list"):
         return _number_correct(text, meta)
     if family in ("text", "facts"):
         return _word_correct(text, meta)
