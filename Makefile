@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/chatrl demo --out runs/demo
 
+# One torch thread per process: the suite runs servers, clients and 2-process jobs side by
+# side on small machines, and spinning threads of oversubscribed processes slow it ~20x.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
