@@ -82,6 +82,11 @@ def test_default_annotators_agree_like_instructgpt_labelers():
         assert report["inter_annotator"] < value < 1.0  # each agrees more with gold than peers
 
 
+def test_one_annotator_has_no_inter_annotator_agreement():
+    report = agreement_report(default_annotators(0)[:1], sft_like_sets(50, 0))
+    assert report["inter_annotator"] is None and len(report["with_gold"]) == 1
+
+
 def test_sft_like_sets_hold_distinct_responses():
     sets = sft_like_sets(300, 1)
     assert sum(len(r) * (len(r) - 1) // 2 for _, r in sets) >= 300

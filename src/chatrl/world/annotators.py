@@ -128,8 +128,8 @@ def sft_like_sets(pairs: int, seed: int, k: int = 4) -> list[tuple[Prompt, list[
 def agreement_report(
     annotators: list[SimulatedAnnotator], sets: list[tuple[Prompt, list[str]]]
 ) -> dict[str, Any]:
-    """Every annotator ranks every set: inter-annotator agreement (mean over annotator pairs)
-    and each annotator's agreement with the gold ordering."""
+    """Every annotator ranks every set: inter-annotator agreement (mean over annotator pairs;
+    None with one annotator) and each annotator's agreement with the gold ordering."""
     rankings = {a.name: [a.rank(p, rs) for p, rs in sets] for a in annotators}
     gold = [[gold_score(p, r) for r in rs] for p, rs in sets]
     between = {
@@ -138,7 +138,7 @@ def agreement_report(
     }
     return {
         "pairs": sum(len(rs) * (len(rs) - 1) // 2 for _, rs in sets),
-        "inter_annotator": sum(between.values()) / len(between),
+        "inter_annotator": sum(between.values()) / len(between) if between else None,
         "between": between,
         "with_gold": {name: gold_agreement(r, gold) for name, r in rankings.items()},
     }
