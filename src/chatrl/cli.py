@@ -327,7 +327,7 @@ def _run_and_report(config: Path, out: Path, from_stage: str | None) -> None:
         records = run_pipeline(config, out, from_stage)
     except WaitingForLabels as waiting:
         message = f"[bold yellow]waiting for rankings:[/] {escape(str(waiting))}"
-        err_console.print(message, highlight=False)
+        err_console.print(message, highlight=False, soft_wrap=True)  # keep URLs copyable
         raise typer.Exit(3) from None
     from chatrl.pipeline import load_run_config
 
@@ -485,7 +485,7 @@ def main() -> None:
     # from an LM, as intended) would bury chatrl's own output.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns typer.Exit's code instead of exiting
     except UserError as e:
         # Under torchrun every process prints its own errors: say which one failed.
         who = f" (process {os.environ['RANK']})" if os.environ.get("WORLD_SIZE", "1") != "1" else ""
@@ -503,6 +503,8 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
