@@ -91,9 +91,12 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's headless Chromium, driven by Playwright (never a downloaded browser)."""
+    """Debian's headless Chromium, driven by Playwright (never a downloaded browser).
+
+    Module-scoped: Playwright's sync API keeps an asyncio loop running in this thread while it
+    is open, and later tests that call asyncio.run() (the teacher client) would fail."""
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
