@@ -23,7 +23,7 @@ from chatrl.world.tasks import demo_kind, demonstration, make_prompts
 
 # Plackett–Luce temperature, found by `calibrate_noise()` (bisection to 73% agreement on
 # 2,000 pairs of SFT-like responses; `chatrl world agreement --calibrate` reruns it).
-NOISE = 0.586
+NOISE = 0.547
 
 
 @dataclass
