@@ -424,7 +424,7 @@ def test_ppo_raises_a_synthetic_reward_with_bounded_kl(tmp_path, monkeypatch):
         response_length=12,
         learning_rate=1e-3,
         num_train_epochs=4,
-        max_steps=20,
+        max_steps=16,
     )
     log = metrics_of(train_ppo(cfg))
     trajectory = [(round(r["rm_score"], 2), round(r["kl"], 2)) for r in log]
