@@ -45,7 +45,7 @@ from chatrl.config import PPOConfig
 from chatrl.data import Prompt, load_conversations, load_prompts, load_text, read_jsonl, write_json
 from chatrl.engine import Completion, Engine, SamplingParams
 from chatrl.errors import UserError
-from chatrl.models import load_causal_lm, load_reward_model, save_model
+from chatrl.models import load_causal_lm, load_reward_model, reward_normalisation, save_model
 from chatrl.train.loop import (
     CHECKPOINT_DIR,
     MetricsLog,
@@ -151,8 +151,7 @@ class RewardModel:
     def __init__(self, path: str | Path, device: torch.device):
         self.model, self.tokenizer = load_reward_model(path)
         self.model.to(device).eval()
-        self.mean = float(getattr(self.model.config, "chatrl_reward_mean", 0.0))
-        self.std = float(getattr(self.model.config, "chatrl_reward_std", 1.0))
+        self.mean, self.std = reward_normalisation(self.model.config)
 
     @torch.no_grad()
     def score(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:

@@ -55,7 +55,14 @@ from chatrl.data import (
     write_jsonl,
 )
 from chatrl.errors import UserError
-from chatrl.models import load_causal_lm, load_reward_model, save_model
+from chatrl.models import (
+    REWARD_MEAN,
+    REWARD_STD,
+    load_causal_lm,
+    load_reward_model,
+    reward_normalisation,
+    save_model,
+)
 from chatrl.train.loop import (
     CHECKPOINT_DIR,
     MetricsLog,
@@ -79,7 +86,6 @@ from chatrl.train.loop import (
 
 logger = logging.getLogger(__name__)
 
-REWARD_MEAN, REWARD_STD = "chatrl_reward_mean", "chatrl_reward_std"
 LISTED = 10  # over-long examples named one by one in a warning; the rest are counted
 SHORT_ROW = 128  # rows up to this many tokens use the math attention kernel on a CPU
 
@@ -740,8 +746,7 @@ class RewardScorer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.module = LastTokenReward(model.to(self.device)).eval()
         self.bf16 = bf16
-        self.mean = float(getattr(model.config, REWARD_MEAN, 0.0))
-        self.std = float(getattr(model.config, REWARD_STD, 1.0))
+        self.mean, self.std = reward_normalisation(model.config)
 
     def score(
         self,
