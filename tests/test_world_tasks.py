@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from collections import Counter
@@ -217,3 +218,27 @@ def test_world_commands_write_loadable_files(tmp_path):
     jsonl = tmp_path / "text.jsonl"
     assert runner.invoke(app, ["world", "text", "--n", "5", "--out", str(jsonl)]).exit_code == 0
     assert load_text(jsonl) == pretrain_text(5, 0)
+
+
+def test_world_data_is_the_same_in_every_process():
+    """Python randomises string hashing per process: nothing may depend on set order."""
+    import subprocess
+    import sys
+
+    code = (
+        "import hashlib, json; from chatrl.world import sft_conversations, make_prompts, "
+        "pretrain_text; print(hashlib.sha256(json.dumps([sft_conversations(2000, 0), "
+        "[p.to_json() for p in make_prompts(500, 0, 'rank')], pretrain_text(2000, 0)])"
+        ".encode()).hexdigest())"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in (1, 2)
+    }
+    assert len(digests) == 1

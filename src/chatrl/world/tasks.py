@@ -578,7 +578,7 @@ def _wrong_meta(meta: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         subject = meta["subject"]
         wrong = subject + ("s" if subject + "s" != answer else "es")
     else:
-        wrong = rng.choice([v for v in set(FACTS[task].values()) if v != answer])
+        wrong = rng.choice([v for v in sorted(set(FACTS[task].values())) if v != answer])
     return meta | {"answer": wrong}
 
 
