@@ -10,10 +10,10 @@ import torch
 from conftest import write_sft
 from safetensors.torch import load_file
 
-from chatrl.chat_format import encode_prompt, stop_token_ids
+from chatrl.chat_format import encode_conversation, encode_prompt, stop_token_ids, unpacked
 from chatrl.config import LMConfig
 from chatrl.models import load_causal_lm
-from chatrl.train.lm import train_lm
+from chatrl.train.lm import CausalLMLoss, collate, train_lm
 
 
 def chatrl(*args, check=False):
@@ -56,6 +56,34 @@ def test_sft_model_answers_the_pattern_and_stops(micro_model, sample_text, tmp_p
     log = [json.loads(line) for line in (sft / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"]
     assert json.loads((sft / "train_config.json").read_text())["stage"] == "sft"
+
+
+def test_padding_free_batch_has_the_loss_and_gradient_of_padded_rows(micro_model):
+    # A micro-batch is packed into one row with position ids restarting per conversation; if
+    # attention crossed conversations, or a loss spanned two, the figures would differ.
+    model, tokenizer = load_causal_lm(micro_model)
+    convs = [
+        [
+            {"role": "user", "content": f"What is {a} + {b}?"},
+            {"role": "assistant", "content": f"{a + b}"},
+        ]
+        for a, b in [(1, 2), (13, 4), (5, 67), (8, 9)]
+    ]
+    convs[1] = [{"role": "system", "content": "Be brief."}, *convs[1]]
+    rows = unpacked([encode_conversation(tokenizer, c, 64) for c in convs])
+    loss = CausalLMLoss(model)
+    results = []
+    for max_length in (1, 1024):  # one row per conversation, right-padded; all in one row
+        tensors = collate(rows, tokenizer.pad_token_id, max_length)
+        assert len(tensors["input_ids"]) == (len(rows) if max_length == 1 else 1)
+        model.zero_grad()
+        loss_sum, count = loss(**tensors)
+        loss_sum.backward()
+        results.append((loss_sum.item(), count.item(), model.lm_head.weight.grad.clone()))
+    (padded_loss, padded_count, padded_grad), (flat_loss, flat_count, flat_grad) = results
+    assert flat_count == padded_count
+    assert abs(flat_loss - padded_loss) < 1e-4 * padded_loss
+    assert torch.allclose(flat_grad, padded_grad, atol=1e-5)
 
 
 def test_gradient_accumulation_matches_a_full_batch(micro_model, tmp_path):

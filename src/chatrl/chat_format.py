@@ -120,24 +120,29 @@ class Row:
 
 
 def pack(examples: list[Encoded], max_length: int) -> list[Row]:
-    """Greedily pack examples into rows of up to ``max_length`` tokens (first-fit, in order).
+    """Pack examples into rows of up to ``max_length`` tokens, in order (see ``pack_rows``)."""
+    return pack_rows(unpacked(examples), max_length)
+
+
+def pack_rows(rows: list[Row], max_length: int) -> list[Row]:
+    """Concatenate rows, in order, into as few rows of up to ``max_length`` tokens as fit.
 
     Position ids restart at 0 for each example; transformers' flash/sdpa paths read restarts
     as sequence boundaries (``position_ids``-based packing), so attention does not cross
-    examples. Labels at each example's first token are ignored, so no loss spans a boundary.
+    examples. The label at each row's first token is ignored, so no loss spans a boundary.
     """
-    rows: list[Row] = []
+    packed: list[Row] = []
     current = Row([], [], [])
-    for ex in examples:
-        if current.input_ids and len(current.input_ids) + len(ex.input_ids) > max_length:
-            rows.append(current)
+    for row in rows:
+        if current.input_ids and len(current.input_ids) + len(row.input_ids) > max_length:
+            packed.append(current)
             current = Row([], [], [])
-        current.input_ids += ex.input_ids
-        current.labels += [IGNORE_INDEX] + ex.labels[1:]
-        current.position_ids += list(range(len(ex.input_ids)))
+        current.input_ids += row.input_ids
+        current.labels += [IGNORE_INDEX] + row.labels[1:]
+        current.position_ids += row.position_ids
     if current.input_ids:
-        rows.append(current)
-    return rows
+        packed.append(current)
+    return packed
 
 
 def unpacked(examples: list[Encoded]) -> list[Row]:

@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chatrl.chat_format import IGNORE_INDEX, Row, encode_conversation, encode_text, pack, unpacked
+from chatrl.chat_format import (
+    IGNORE_INDEX,
+    Row,
+    encode_conversation,
+    encode_text,
+    pack,
+    pack_rows,
+    unpacked,
+)
 from chatrl.config import LMConfig
 from chatrl.data import load_conversations, load_text, write_json
 from chatrl.errors import UserError
@@ -58,7 +66,11 @@ class CausalLMLoss(nn.Module):
         self.model = model
 
     def forward(self, input_ids, labels, position_ids) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.get_decoder()(input_ids=input_ids, position_ids=position_ids)
+        # use_cache=False: with a cache, transformers ignores position-id restarts and lets
+        # packed conversations attend to each other.
+        hidden = self.model.get_decoder()(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False
+        )
         hidden = hidden.last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
@@ -90,12 +102,18 @@ def build_rows(cfg: LMConfig, tokenizer, kind: str, path: str) -> list[Row]:
     )
 
 
-def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows into tensors.
+def collate(rows: list[Row], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+    """One micro-batch as tensors, padding-free: its rows are packed together into rows of up
+    to ``max_length`` tokens (position ids restart at each example, so attention stays within
+    it, see ``pack_rows``), then right-padded.
 
+    The loss and its gradient are those of the rows padded one per line (a test compares
+    them), but short conversations no longer pay for the longest one's padding: for a batch
+    of chat turns that is most of the compute.
     No attention mask: padding sits to the right of every real token, and attention is
-    causal, so real tokens never see it — and without a mask SDPA takes its fast causal path.
+    causal, so real tokens never see it.
     """
+    rows = pack_rows(rows, max_length)
     width = max(len(r.input_ids) for r in rows)
 
     def padded(values: list[int], fill: int) -> list[int]:
@@ -116,13 +134,13 @@ def target_count(rows: list[Row]) -> int:
 
 @torch.no_grad()
 def eval_loss(
-    loss_module: CausalLMLoss, rows: list[Row], batch_size: int, pad_id: int, accelerator
+    loss_module: CausalLMLoss, rows: list[Row], cfg: LMConfig, pad_id: int, accelerator
 ) -> float:
     """Mean next-token loss over ``rows``."""
     loss_module.eval()
     total, count = 0.0, 0
-    for batch in micro_batches(list(range(len(rows))), batch_size):
-        tensors = collate([rows[i] for i in batch], pad_id)
+    for batch in micro_batches(list(range(len(rows))), cfg.per_device_train_batch_size):
+        tensors = collate([rows[i] for i in batch], pad_id, cfg.max_length)
         with accelerator.autocast():
             loss_sum, n = loss_module(**{k: v.to(accelerator.device) for k, v in tensors.items()})
         total, count = total + loss_sum.item(), count + n.item()
@@ -184,7 +202,7 @@ def train_lm(cfg: LMConfig, kind: str) -> Path:
             )
             loss_total = 0.0
             for micro, weight in accumulate(accelerator, loss_module, pieces, schedule[step][:1]):
-                tensors = collate([rows[i] for i in micro], pad_id)
+                tensors = collate([rows[i] for i in micro], pad_id, cfg.max_length)
                 tensors = {k: v.to(accelerator.device) for k, v in tensors.items()}
                 with accelerator.autocast():
                     loss_sum, _ = loss_module(**tensors)
@@ -215,9 +233,7 @@ def train_lm(cfg: LMConfig, kind: str) -> Path:
             if eval_rows and cfg.eval_steps and done % cfg.eval_steps == 0:
                 log.log(
                     done,
-                    eval_loss=eval_loss(
-                        loss_module, eval_rows, cfg.per_device_train_batch_size, pad_id, accelerator
-                    ),
+                    eval_loss=eval_loss(loss_module, eval_rows, cfg, pad_id, accelerator),
                 )
             if done % cfg.save_steps == 0 and done < len(schedule):
                 save_checkpoint(accelerator, out, TrainerState(done), accelerator.num_processes)
@@ -225,9 +241,7 @@ def train_lm(cfg: LMConfig, kind: str) -> Path:
     if eval_rows:
         log.log(
             len(schedule),
-            eval_loss=eval_loss(
-                loss_module, eval_rows, cfg.per_device_train_batch_size, pad_id, accelerator
-            ),
+            eval_loss=eval_loss(loss_module, eval_rows, cfg, pad_id, accelerator),
         )
     accelerator.wait_for_everyone()
     trained = trained_module(accelerator, loss_module, lambda: CausalLMLoss(build_model(cfg)[0]))
