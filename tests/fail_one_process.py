@@ -15,12 +15,12 @@ collate = lm.collate
 calls = 0
 
 
-def failing_collate(*args):
+def failing_collate(rows, pad_id):
     global calls
     calls += 1
     if RANK == 1 and calls == FAIL_AT:
         raise UserError("deliberate failure")
-    return collate(*args)
+    return collate(rows, pad_id)
 
 
 lm.collate = failing_collate

@@ -10,7 +10,13 @@ import torch
 from conftest import write_sft
 from safetensors.torch import load_file
 
-from chatrl.chat_format import encode_conversation, encode_prompt, stop_token_ids, unpacked
+from chatrl.chat_format import (
+    encode_conversation,
+    encode_prompt,
+    pack,
+    stop_token_ids,
+    unpacked,
+)
 from chatrl.config import LMConfig
 from chatrl.models import load_causal_lm
 from chatrl.train.lm import CausalLMLoss, collate, train_lm
@@ -58,9 +64,10 @@ def test_sft_model_answers_the_pattern_and_stops(micro_model, sample_text, tmp_p
     assert json.loads((sft / "train_config.json").read_text())["stage"] == "sft"
 
 
-def test_padding_free_batch_has_the_loss_and_gradient_of_padded_rows(micro_model):
-    # A micro-batch is packed into one row with position ids restarting per conversation; if
-    # attention crossed conversations, or a loss spanned two, the figures would differ.
+def test_packed_conversations_do_not_see_each_other(micro_model):
+    # Packed into one row, with position ids restarting per conversation, the loss and its
+    # gradient are those of the conversations in rows of their own; if attention crossed
+    # conversations, or a loss spanned two, they would differ.
     model, tokenizer = load_causal_lm(micro_model)
     convs = [
         [
@@ -70,20 +77,19 @@ def test_padding_free_batch_has_the_loss_and_gradient_of_padded_rows(micro_model
         for a, b in [(1, 2), (13, 4), (5, 67), (8, 9)]
     ]
     convs[1] = [{"role": "system", "content": "Be brief."}, *convs[1]]
-    rows = unpacked([encode_conversation(tokenizer, c, 64) for c in convs])
+    examples = [encode_conversation(tokenizer, c, 64) for c in convs]
     loss = CausalLMLoss(model)
     results = []
-    for max_length in (1, 1024):  # one row per conversation, right-padded; all in one row
-        tensors = collate(rows, tokenizer.pad_token_id, max_length)
-        assert len(tensors["input_ids"]) == (len(rows) if max_length == 1 else 1)
+    for rows in (unpacked(examples), pack(examples, 1024)):
+        tensors = collate(rows, tokenizer.pad_token_id)
         model.zero_grad()
         loss_sum, count = loss(**tensors)
         loss_sum.backward()
         results.append((loss_sum.item(), count.item(), model.lm_head.weight.grad.clone()))
-    (padded_loss, padded_count, padded_grad), (flat_loss, flat_count, flat_grad) = results
-    assert flat_count == padded_count
-    assert abs(flat_loss - padded_loss) < 1e-4 * padded_loss
-    assert torch.allclose(flat_grad, padded_grad, atol=1e-5)
+    (alone_loss, alone_count, alone_grad), (packed_loss, packed_count, packed_grad) = results
+    assert packed_count == alone_count
+    assert abs(packed_loss - alone_loss) < 1e-4 * alone_loss
+    assert torch.allclose(packed_grad, alone_grad, atol=1e-5)
 
 
 def test_gradient_accumulation_matches_a_full_batch(micro_model, tmp_path):

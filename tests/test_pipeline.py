@@ -75,6 +75,9 @@ def test_run_writes_every_stage_and_a_report(finished_run):
         assert set(REPORT_FIELDS) <= set(report[policy])
     assert report["perfect"]["gold_score"] > report["sft"]["gold_score"]  # the ceiling is above
     assert report["sft"]["win_rate_vs_sft"] == 0.5
+    gap = report["targets"]["PPO closes >= 60% of the SFT → perfect gap"]
+    assert gap == {"value": report["gap_closed"], "met": report["gap_closed"] >= 0.6}
+    assert len(report["targets"]) == 7
     for key in ("rm_accuracy", "annotator_agreement", "seconds", "seed", "chatrl_version"):
         assert key in report
     assert (finished_run / "report.md").read_text().startswith("# chatrl report card")

@@ -120,29 +120,24 @@ class Row:
 
 
 def pack(examples: list[Encoded], max_length: int) -> list[Row]:
-    """Pack examples into rows of up to ``max_length`` tokens, in order (see ``pack_rows``)."""
-    return pack_rows(unpacked(examples), max_length)
-
-
-def pack_rows(rows: list[Row], max_length: int) -> list[Row]:
-    """Concatenate rows, in order, into as few rows of up to ``max_length`` tokens as fit.
+    """Greedily pack examples into rows of up to ``max_length`` tokens (first-fit, in order).
 
     Position ids restart at 0 for each example; transformers' flash/sdpa paths read restarts
     as sequence boundaries (``position_ids``-based packing), so attention does not cross
-    examples. The label at each row's first token is ignored, so no loss spans a boundary.
+    examples. Labels at each example's first token are ignored, so no loss spans a boundary.
     """
-    packed: list[Row] = []
+    rows: list[Row] = []
     current = Row([], [], [])
-    for row in rows:
-        if current.input_ids and len(current.input_ids) + len(row.input_ids) > max_length:
-            packed.append(current)
+    for ex in examples:
+        if current.input_ids and len(current.input_ids) + len(ex.input_ids) > max_length:
+            rows.append(current)
             current = Row([], [], [])
-        current.input_ids += row.input_ids
-        current.labels += [IGNORE_INDEX] + row.labels[1:]
-        current.position_ids += row.position_ids
+        current.input_ids += ex.input_ids
+        current.labels += [IGNORE_INDEX] + ex.labels[1:]
+        current.position_ids += list(range(len(ex.input_ids)))
     if current.input_ids:
-        packed.append(current)
-    return packed
+        rows.append(current)
+    return rows
 
 
 def unpacked(examples: list[Encoded]) -> list[Row]:

@@ -21,7 +21,6 @@ from chatrl.chat_format import (
     encode_conversation,
     encode_text,
     pack,
-    pack_rows,
     unpacked,
 )
 from chatrl.config import LMConfig
@@ -48,6 +47,7 @@ from chatrl.train.loop import (
     remove_checkpoint,
     save_checkpoint,
     seed_everything,
+    train_autocast,
     trained_module,
 )
 
@@ -102,18 +102,13 @@ def build_rows(cfg: LMConfig, tokenizer, kind: str, path: str) -> list[Row]:
     )
 
 
-def collate(rows: list[Row], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
-    """One micro-batch as tensors, padding-free: its rows are packed together into rows of up
-    to ``max_length`` tokens (position ids restart at each example, so attention stays within
-    it, see ``pack_rows``), then right-padded.
+def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows into tensors.
 
-    The loss and its gradient are those of the rows padded one per line (a test compares
-    them), but short conversations no longer pay for the longest one's padding: for a batch
-    of chat turns that is most of the compute.
     No attention mask: padding sits to the right of every real token, and attention is
-    causal, so real tokens never see it.
+    causal, so real tokens never see it. (Packing a micro-batch's rows into one row instead
+    was measured slower here: the mask it needs costs more than the padding it saves.)
     """
-    rows = pack_rows(rows, max_length)
     width = max(len(r.input_ids) for r in rows)
 
     def padded(values: list[int], fill: int) -> list[int]:
@@ -140,7 +135,7 @@ def eval_loss(
     loss_module.eval()
     total, count = 0.0, 0
     for batch in micro_batches(list(range(len(rows))), cfg.per_device_train_batch_size):
-        tensors = collate([rows[i] for i in batch], pad_id, cfg.max_length)
+        tensors = collate([rows[i] for i in batch], pad_id)
         with accelerator.autocast():
             loss_sum, n = loss_module(**{k: v.to(accelerator.device) for k, v in tensors.items()})
         total, count = total + loss_sum.item(), count + n.item()
@@ -202,9 +197,9 @@ def train_lm(cfg: LMConfig, kind: str) -> Path:
             )
             loss_total = 0.0
             for micro, weight in accumulate(accelerator, loss_module, pieces, schedule[step][:1]):
-                tensors = collate([rows[i] for i in micro], pad_id, cfg.max_length)
+                tensors = collate([rows[i] for i in micro], pad_id)
                 tensors = {k: v.to(accelerator.device) for k, v in tensors.items()}
-                with accelerator.autocast():
+                with train_autocast(accelerator, tensors["input_ids"]):
                     loss_sum, _ = loss_module(**tensors)
                 accelerator.backward(loss_sum * scale * weight)
                 loss_total += loss_sum.item() * scale * weight / accelerator.num_processes

@@ -35,12 +35,15 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import get_cosine_schedule_with_warmup
 
 from chatrl.errors import UserError
 
 CHECKPOINT_DIR = "checkpoint"
 CHECK_REPLICAS = "CHATRL_CHECK_REPLICAS"  # env var: compare weights across processes every step
+# Rows up to this many tokens train with the math attention kernel on a CPU (see train_autocast).
+SHORT_ROWS = 256
 
 
 def make_accelerator(bf16: bool, fsdp: bool = False) -> Accelerator:
@@ -78,6 +81,21 @@ def make_accelerator(bf16: bool, fsdp: bool = False) -> Accelerator:
         if bf16:
             plugin.set_mixed_precision("bf16")
     return accelerator
+
+
+@contextlib.contextmanager
+def train_autocast(accelerator: Accelerator, input_ids: torch.Tensor) -> Iterator[None]:
+    """``accelerator.autocast()`` for a training forward over ``input_ids`` [rows, tokens].
+
+    On a CPU, rows of at most ``SHORT_ROWS`` tokens also get SDPA's math kernel: torch's CPU
+    flash-attention backward is slow on short rows (bench model, 16 chats of ~40 tokens: 43 ms
+    of a 222 ms step; the math kernel's backward makes the step 1.3x faster). Longer rows keep
+    flash attention, whose memory does not grow with the square of their length.
+    """
+    short = input_ids.device.type == "cpu" and input_ids.shape[-1] <= SHORT_ROWS
+    kernel = sdpa_kernel([SDPBackend.MATH]) if short else contextlib.nullcontext()
+    with accelerator.autocast(), kernel:
+        yield
 
 
 def prepare(accelerator: Accelerator, module: torch.nn.Module, *optimizers) -> tuple:

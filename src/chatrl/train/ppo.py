@@ -61,6 +61,7 @@ from chatrl.train.loop import (
     save_checkpoint,
     seed_everything,
     shard,
+    train_autocast,
 )
 
 # rollout_metrics(prompt meta per response, response texts, stopped flags) -> {name: value}:
@@ -509,7 +510,7 @@ def ppo_update(
                     ptx_rows, cfg.ptx_batch_size, mb_seed, pad_id, mb.tokens.device
                 )
                 ptx = {"ptx_ids": ids, "ptx_labels": labels}
-            with accelerator.autocast():
+            with train_autocast(accelerator, mb.input_ids):
                 logits, values, ptx_loss = actor_critic(mb.input_ids, mb.index, **ptx)
             logprobs = token_logprobs(logits, mb.tokens)
             pg_loss, pg_stats = policy_loss(

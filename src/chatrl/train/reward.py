@@ -81,6 +81,7 @@ from chatrl.train.loop import (
     progress_bar,
     save_checkpoint,
     seed_everything,
+    train_autocast,
     trained_module,
 )
 
@@ -608,7 +609,7 @@ def train_reward(cfg: RMConfig) -> Path:
             for micro, weight in accumulate(accelerator, module, pieces, schedule[step][:1]):
                 batch = collate_groups([groups[i] for i in micro], pad_id, pools_last_token)
                 batch = to_device(batch, accelerator.device)
-                with accelerator.autocast():
+                with train_autocast(accelerator, batch["inputs"]["input_ids"]):
                     rewards = module(**batch["inputs"])
                 loss_sum, right = ranking_loss(
                     rewards, batch, cfg.margin, cfg.center_rewards_coefficient
