@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from chatrl.chat_format import encode_prompt, stop_token_ids
@@ -214,28 +215,80 @@ def sample(
 LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
-def _llama_decode(lm, input_ids, mask, position_ids, cache) -> torch.Tensor:
+@dataclass
+class _FusedLayer:
+    """One decoder layer's projections concatenated: q, k, v into one matrix, gate and up into
+    another, so that a decode step runs two matrix products where it ran five."""
+
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    qkv_sizes: list[int]
+    gate_up_weight: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+
+
+def _cat_linear(*linears: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([lin.weight for lin in linears])
+    if all(lin.bias is None for lin in linears):
+        return weight, None
+    biases = [
+        lin.weight.new_zeros(len(lin.weight)) if lin.bias is None else lin.bias for lin in linears
+    ]
+    return weight, torch.cat(biases)
+
+
+@torch.inference_mode()
+def _fuse_layers(lm) -> list[_FusedLayer] | None:
+    """The fused projections of a Llama-like model's layers, built from its current weights
+    (once per batch: training between two calls changes them). None when a projection is not
+    a plain ``nn.Linear`` (LoRA adapters, quantised layers): those decode unfused."""
+    fused = []
+    for layer in lm.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
+        if any(type(p) is not torch.nn.Linear for p in projections):
+            return None
+        qkv_weight, qkv_bias = _cat_linear(attn.q_proj, attn.k_proj, attn.v_proj)
+        gate_up_weight, gate_up_bias = _cat_linear(mlp.gate_proj, mlp.up_proj)
+        sizes = [len(attn.q_proj.weight), len(attn.k_proj.weight), len(attn.v_proj.weight)]
+        fused.append(_FusedLayer(qkv_weight, qkv_bias, sizes, gate_up_weight, gate_up_bias))
+    return fused
+
+
+def _llama_decode(lm, input_ids, mask, position_ids, cache, fused) -> torch.Tensor:
     """One decode step of a Llama-like model: the model's own modules in the order its forward
     calls them, minus the mask construction, output capturing and keyword plumbing that cost as
-    much as the arithmetic for small models. Returns the last position's logits."""
+    much as the arithmetic for small models; with ``fused`` projections (``_fuse_layers``),
+    two matrix products per layer instead of five. Returns the last position's logits."""
     inner = lm.model
     hidden = inner.embed_tokens(input_ids)
     cos, sin = inner.rotary_emb(hidden, position_ids)
     rows = hidden.shape[0]
     for i, layer in enumerate(inner.layers):
-        attn = layer.self_attn
+        attn, mlp = layer.self_attn, layer.mlp
         apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
+        if fused:
+            q, k, v = F.linear(x, fused[i].qkv_weight, fused[i].qkv_bias).split(
+                fused[i].qkv_sizes, -1
+            )
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.view(rows, 1, -1, attn.head_dim).transpose(1, 2)
+        k = k.view(rows, 1, -1, attn.head_dim).transpose(1, 2)
+        v = v.view(rows, 1, -1, attn.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
         k, v = cache.update(k, v, i)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=attn.num_key_value_groups > 1
         )
         hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(rows, 1, -1))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        x = layer.post_attention_layernorm(hidden)
+        if fused:
+            gate, up = F.linear(x, fused[i].gate_up_weight, fused[i].gate_up_bias).chunk(2, -1)
+            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+        else:
+            hidden = hidden + mlp(x)
     return lm.lm_head(inner.norm(hidden[:, -1]))
 
 
@@ -302,6 +355,7 @@ class _Batch:
         self.model_logprobs = torch.zeros(self.num_rows, params.max_new_tokens)
         self.finish_reasons: list[str | None] = [None] * self.num_rows
         self.cut_texts: dict[int, str] = {}
+        self.fused = _fuse_layers(engine.base_model) if engine.llama_like else None
 
     @property
     def done(self) -> bool:
@@ -338,8 +392,11 @@ class _Batch:
         self.bias[:, slot] = 0
         mask = self.bias[:, None, None, : slot + 1]
         if self.engine.llama_like:
-            inputs = (self.last_tokens[:, None], mask, self.positions, self.cache)
-            logits = _llama_decode(self.engine.base_model, *inputs)
+            inputs = (self.last_tokens[:, None], mask, self.positions, self.cache, self.fused)
+            # One query per row: the math kernel is several times faster than CPU flash
+            # attention here (bench model, batch 16: 0.23 ms of a 13 ms step per layer).
+            with sdpa_kernel([SDPBackend.MATH]):
+                logits = _llama_decode(self.engine.base_model, *inputs)
         else:
             logits = self._forward(self.last_tokens[:, None], mask, self.positions)
         self.positions = self.positions + 1

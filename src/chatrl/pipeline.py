@@ -153,10 +153,11 @@ def _stage_settings(cfg: RunConfig, stage: str, run: Path, source: str = "config
             LMConfig, {**seed, **_extras(cfg.sft), **wiring, "out": str(run / "sft")}, where
         )
     if stage == "rm":
+        # No "prompts": the rankings' responses are SFT samples already (from `sample`), so the
+        # rewards are normalised over them rather than over fresh samples drawn again.
         wiring = {
             "model": str(run / "sft"),
             "data": str(run / "label" / "rankings.jsonl"),
-            "prompts": str(run / "sample" / "prompts.jsonl"),
             "out": str(run / "rm"),
         }
         return build(RMConfig, {**seed, **_extras(cfg.rm), **wiring}, where)
