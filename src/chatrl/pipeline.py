@@ -63,6 +63,7 @@ class SampleSection(StageConfig):
     k: int = 4
     temperature: float = 1.0
     max_new_tokens: int = 48
+    batch_size: int = 64  # sequences (prompts x k) generated at once
 
 
 class LabelSection(StageConfig):
@@ -267,6 +268,7 @@ def run_sample(run: Run) -> None:
             temperature=cfg.sample.temperature,
             seed=cfg.seed,
         ),
+        batch_size=cfg.sample.batch_size,
     )
 
 
