@@ -75,6 +75,28 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_two_processes_match(
+    command: str,
+    settings: dict,
+    one: Path,
+    two: Path,
+    steps: list[int],
+    keys,
+    tol: float,
+    rel: float,
+) -> None:
+    """Run ``chatrl COMMAND`` on two processes into ``two``: its weights (within ``tol``) and
+    its logged ``keys`` at every step (within ``rel``) must be those of the one-process run in
+    ``one``, and only process 0 writes the log."""
+    run = torchrun("-m", "chatrl", command, *cli_args(settings), "--out", two)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert max_difference(one, two) < tol
+    alone, together = metrics(one), metrics(two)
+    assert [r["step"] for r in together] == steps
+    for key in keys:
+        assert [r[key] for r in together] == pytest.approx([r[key] for r in alone], rel=rel)
+
+
 @pytest.fixture(scope="module")
 def sft(micro_model, tmp_path_factory):
     """17 conversations (updates of 8, 8 and 1: the last leaves process 1 without a row) and the
@@ -130,14 +152,10 @@ def test_replica_check_names_the_process_whose_weights_differ(monkeypatch):
 @pytest.mark.distributed
 def test_sft_on_two_processes_ends_where_one_process_does(sft, tmp_path):
     settings, one = sft
-    out = tmp_path / "two"
-    run = torchrun("-m", "chatrl", "sft", *cli_args(settings), "--out", out)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert max_difference(one, out) < 1e-6
-    # Written once (by process 0), with the loss of the whole global batch.
-    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
-    for a, b in zip(metrics(one), metrics(out), strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    # The logged loss is the whole global batch's.
+    assert_two_processes_match(
+        "sft", settings, one, tmp_path / "two", [1, 2, 3], ["loss"], tol=1e-6, rel=1e-5
+    )
 
 
 @pytest.mark.distributed
@@ -195,13 +213,10 @@ def test_reward_model_on_two_processes_ends_where_one_process_does(micro_model, 
         logging_steps=1,
     )
     train_reward(RMConfig(**settings, out=str(tmp_path / "one")))
-    run = torchrun("-m", "chatrl", "rm", *cli_args(settings), "--out", tmp_path / "two")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert max_difference(tmp_path / "one", tmp_path / "two") < 1e-6
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert [r["step"] for r in two] == [1, 2]
-    for key in ("loss", "accuracy", "reward_mean"):
-        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5)
+    keys = ["loss", "accuracy", "reward_mean"]
+    assert_two_processes_match(
+        "rm", settings, tmp_path / "one", tmp_path / "two", [1, 2], keys, tol=1e-6, rel=1e-5
+    )
     assert json.loads((tmp_path / "two" / "eval.json").read_text())["normalization"]["std"] > 0
 
 
@@ -238,10 +253,7 @@ def test_ppo_on_two_processes_ends_where_one_process_does(micro_model, tmp_path)
         learning_rate=1e-3,
     )
     train_ppo(PPOConfig(**settings, out=str(tmp_path / "one")))
-    run = torchrun("-m", "chatrl", "ppo", *cli_args(settings), "--out", tmp_path / "two")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert max_difference(tmp_path / "one", tmp_path / "two") < 1e-4
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert [r["step"] for r in two] == [1, 2]
-    for key in ("rm_score", "reward", "value_loss"):
-        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4)
+    keys = ["rm_score", "reward", "value_loss"]
+    assert_two_processes_match(
+        "ppo", settings, tmp_path / "one", tmp_path / "two", [1, 2], keys, tol=1e-4, rel=1e-4
+    )
