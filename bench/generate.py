@@ -2,9 +2,11 @@
 
 Same bench model (10.49 M parameters, randomly initialised), same left-padded chat prompts of
 about 22 tokens, same dtype, sampling at temperature 1 (no top-k, no top-p), 64 new tokens
-forced on both sides (no stop tokens), a warm-up run each, then the two alternate ``--reps``
-times and each side's median counts. tokens/s = batch x 64 / wall time of the whole call
-(prefill included). The machine may be shared: compare the two columns, not runs.
+forced on both sides (no stop tokens), a warm-up run each, then the three (``generate()``,
+the engine, the engine with ``compile=True``) alternate ``--reps`` times and each one's median
+counts; the compiled engine's warm-up includes its compilation, which is not counted.
+tokens/s = batch x 64 / wall time of the whole call (prefill included). The machine may be
+shared: compare the columns, not runs.
 
     python bench/generate.py                     # batch 1, 16, 64; fp32 and bf16
     python bench/generate.py --threads 1         # steadier on a machine shared with others
@@ -73,8 +75,8 @@ def hf_runner(model, tokenizer, batch: list[list[int]]):
     return run
 
 
-def engine_runner(model, tokenizer, batch: list[list[int]]):
-    engine = Engine(model, tokenizer, max_batch_size=len(batch))
+def engine_runner(model, tokenizer, batch: list[list[int]], compile: bool = False):
+    engine = Engine(model, tokenizer, max_batch_size=len(batch), compile=compile)
     engine.stop_token_ids = []  # never stop early, as eos_token_id=None for generate()
     params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, seed=0)
 
@@ -95,15 +97,17 @@ def compare(model, tokenizer, batch_size: int, reps: int) -> dict[str, float]:
     runners = {
         "generate": hf_runner(model, tokenizer, batch),
         "engine": engine_runner(model, tokenizer, batch),
+        "compiled": engine_runner(model, tokenizer, batch, compile=True),
     }
     for run in runners.values():
-        run()  # warm-up
+        run()  # warm-up (and the compiled engine's compilation)
     rates: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(reps):
         for name, run in runners.items():
             rates[name].append(timed(run))
     result = {name: statistics.median(r) for name, r in rates.items()}
     result["ratio"] = result["engine"] / result["generate"]
+    result["compiled_ratio"] = result["compiled"] / result["generate"]
     return result
 
 
@@ -143,7 +147,10 @@ def main() -> None:
         profile(model, tokenizer, args.profile)
         return
     results = {}
-    print(f"{'dtype':>5} {'batch':>5} {'generate tok/s':>15} {'engine tok/s':>13} {'ratio':>6}")
+    print(
+        f"{'dtype':>5} {'batch':>5} {'generate tok/s':>15} {'engine tok/s':>13} {'ratio':>6} "
+        f"{'compiled tok/s':>15} {'ratio':>6}"
+    )
     for dtype_name in args.dtypes.split(","):
         model.to(DTYPES[dtype_name])
         for batch_size in map(int, args.batch_sizes.split(",")):
@@ -151,7 +158,7 @@ def main() -> None:
             results[f"{dtype_name}_batch{batch_size}"] = {k: round(v, 2) for k, v in r.items()}
             print(
                 f"{dtype_name:>5} {batch_size:>5} {r['generate']:>15.0f} {r['engine']:>13.0f} "
-                f"{r['ratio']:>5.2f}x",
+                f"{r['ratio']:>5.2f}x {r['compiled']:>15.0f} {r['compiled_ratio']:>5.2f}x",
                 flush=True,
             )
     common.print_result(

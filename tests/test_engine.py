@@ -327,3 +327,25 @@ def test_generate_chat_renders_the_template(llama):
 
     expected = engine.generate([encode_prompt(tokenizer, conversation)], params)[0].token_ids
     assert engine.generate_chat([conversation], params)[0].token_ids == expected
+
+
+def test_compiled_decoding_matches_generate_and_sees_weight_updates(llama):
+    # Qwen2 is Llama-like with grouped-query attention and q/k/v biases: all of the fused path.
+    _, tokenizer = llama
+    model = small_model("qwen2", len(tokenizer))
+    prompts = encode(tokenizer, PROMPTS)
+    engine = no_stops(model, tokenizer, compile=True)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    before = [c.token_ids for c in engine.generate(prompts, greedy)]
+    assert before == hf_greedy(model, prompts, tokenizer.pad_token_id, 12)
+    sampled = engine.generate(prompts, SamplingParams(max_new_tokens=12, seed=3))
+    for c in sampled:
+        model_logp = forward_logprobs(model, prompts[c.prompt_index], c.token_ids)
+        want = model_logp.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        torch.testing.assert_close(c.model_logprobs, want, atol=1e-4, rtol=0)
+    # Training updates weights in place between calls; the compiled step must read them.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(-1)
+    after = [c.token_ids for c in engine.generate(prompts, greedy)]
+    assert after != before
+    assert after == [c.token_ids for c in no_stops(model, tokenizer).generate(prompts, greedy)]
