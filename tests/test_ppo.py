@@ -328,6 +328,29 @@ def test_cli_errors_are_one_line(setup, tmp_path):
     assert "not a multiple of samples_per_prompt=4" in run.stderr and "Traceback" not in run.stderr
 
 
+def test_cli_logs_the_gold_score_of_world_prompts_only(setup, tmp_path):
+    from chatrl.world import make_prompts
+
+    train, held = tmp_path / "train.jsonl", tmp_path / "heldout.jsonl"
+    for path, split, n in ((train, "train", 8), (held, "heldout", 4)):
+        path.write_text("".join(json.dumps(p.to_json()) + "\n" for p in make_prompts(n, 0, split)))
+
+    def chatrl(prompts, out, *extra):
+        args = ["--policy", setup["policy"], "--reward", setup["reward"], "--prompts", prompts]
+        args += ["--out", out, "--rollout-batch-size", 8, "--response-length", 8, "--max-steps", 1]
+        command = [sys.executable, "-m", "chatrl", "ppo", *map(str, args), *extra]
+        return subprocess.run(command, capture_output=True, text=True, check=True)
+
+    world = chatrl(train, tmp_path / "world", "--eval-prompts", str(held))
+    assert "gold labeler" in world.stderr
+    log = metrics_of(tmp_path / "world")
+    assert all(-4 <= r["gold_score"] <= 1 for r in log if "rm_score" in r)
+    assert any(-4 <= r.get("eval_gold_score", 9) <= 1 for r in log)
+    own = chatrl(setup["prompts"], tmp_path / "own")  # no world meta: nothing to judge with
+    assert "gold labeler" not in own.stderr
+    assert not any("gold_score" in k for r in metrics_of(tmp_path / "own") for k in r)
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(setup, tmp_path):
     args = [

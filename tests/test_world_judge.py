@@ -14,7 +14,9 @@ from chatrl.world.judge import (
     gold_score,
     is_refusal,
     judge,
+    rollout_gold_score,
 )
+from chatrl.world.tasks import is_world_prompt, make_prompts, perfect_text
 
 
 def user(text: str, **meta) -> Prompt:
@@ -220,3 +222,21 @@ def test_prompts_without_world_meta_are_user_errors():
         judge(Prompt([{"role": "user", "content": "What is 2 + 2?"}]), "4")
     with pytest.raises(UserError, match="unknown family"):
         judge(user("x", family="poetry", task="haiku"), "y")
+
+
+def test_rollout_gold_score_is_the_mean_gold_score_from_the_meta_alone():
+    prompts = [p for p in make_prompts(40, 0, "train") if p.meta["family"] == "multiturn"][:1]
+    prompts += [ADD, SUB]  # a multi-turn prompt too: the meta says what its last turn asks
+    responses = [perfect_text(prompts[0].meta), "7 + 5 = 13.", "It is 4"]
+    finished = [True, True, False]
+    expected = sum(map(gold_score, prompts, responses, finished)) / 3
+    metrics = rollout_gold_score([p.meta for p in prompts], responses, finished)
+    assert metrics == {"gold_score": pytest.approx(expected)}
+    assert expected == pytest.approx((1.0 - 1.0 + 1.0 - UNFINISHED_PENALTY) / 3)
+
+
+def test_world_prompts_are_told_apart_from_other_prompts():
+    assert all(map(is_world_prompt, make_prompts(20, 0, "heldout")))
+    assert is_world_prompt(ADD)
+    assert not is_world_prompt(user("What is 7 + 5?", id=3))
+    assert not is_world_prompt(user("What is 7 + 5?", family="poetry", task="haiku"))

@@ -218,8 +218,9 @@ def _ppo_help() -> str:
         "Fine-tune the SFT policy with PPO against a reward model (stage 3): sampled responses "
         "are scored by the reward model, less a KL penalty to the SFT model, and the policy "
         "follows the clipped surrogate; a critic started from the reward model estimates "
-        "advantages. Writes the policy as a model directory; metrics.jsonl logs every update. "
-        "See docs/ppo.md.\n\n"
+        "advantages. Writes the policy as a model directory; metrics.jsonl logs every update "
+        "(with prompts from `chatrl world prompts`, also the gold labeler's score: "
+        "gold_score, eval_gold_score). See docs/ppo.md.\n\n"
         "Example: chatrl ppo --policy sft/ --reward rm/ --prompts prompts.jsonl --out ppo/",
         PPOConfig,
     )
@@ -231,7 +232,21 @@ def ppo_cmd(ctx: typer.Context, config: ConfigOpt = None) -> None:
     from chatrl.train.ppo import train_ppo
 
     cfg = load_stage(PPOConfig, config, "ppo", parse_overrides(ctx.args))
-    typer.echo(f"policy -> {train_ppo(cfg)}")
+    typer.echo(f"policy -> {train_ppo(cfg, rollout_metrics=_world_gold(cfg))}")
+
+
+def _world_gold(cfg):
+    """The world's gold score as a rollout metric when every prompt comes from the world."""
+    from chatrl.data import load_prompts
+    from chatrl.world import is_world_prompt, rollout_gold_score
+
+    prompts = load_prompts(cfg.prompts)
+    if cfg.eval_prompts:
+        prompts += load_prompts(cfg.eval_prompts)
+    if not prompts or not all(map(is_world_prompt, prompts)):
+        return None
+    typer.echo("world prompts: the gold labeler's score is logged (gold_score)", err=True)
+    return rollout_gold_score
 
 
 class _TrainByDefault(typer.core.TyperGroup):

@@ -326,22 +326,12 @@ def run_ppo(run: Run) -> None:
         _world_prompts(cfg.ppo.world_prompts, cfg.seed, "train", prompts_path)
     settings = _stage_settings(cfg, "ppo", run.dir)
     settings.resume = True
-    train_ppo(settings, rollout_metrics=_gold_hook() if cfg.world else None)
+    if cfg.world:  # PPO logs the gold score of its rollouts: over-optimisation shows
+        from chatrl.world import rollout_gold_score
 
-
-def _gold_hook() -> Callable[[list[dict], list[str], list[bool]], dict[str, float]]:
-    """PPO logs the gold score of its rollouts: reward-model over-optimisation shows."""
-    from chatrl.data import Prompt
-    from chatrl.world.judge import gold_score
-
-    def gold(metas: list[dict], responses: list[str], finished: list[bool]) -> dict[str, float]:
-        scores = [
-            gold_score(Prompt([], meta), r, f)
-            for meta, r, f in zip(metas, responses, finished, strict=True)
-        ]
-        return {"gold_score": sum(scores) / len(scores)}
-
-    return gold
+        train_ppo(settings, rollout_metrics=rollout_gold_score)
+    else:
+        train_ppo(settings)
 
 
 def run_eval(run: Run) -> None:

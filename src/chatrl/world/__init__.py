@@ -1,15 +1,16 @@
 """The bundled assistant world: prompts whose best answer is known exactly, a gold labeler,
 simulated annotators, flawed demonstrations for SFT and plain text for pretraining.
 
-Stages never import it (they meet the world in files); ``chatrl world``, ``chatrl eval`` and
-the pipeline do. See docs/world.md.
+Stages never import it (they meet the world in files); ``chatrl world``, ``chatrl eval``,
+``chatrl ppo`` (for the gold score of world prompts) and the pipeline do. See docs/world.md.
 """
 
-from chatrl.world.judge import Judgement, gold_score
+from chatrl.world.judge import Judgement, gold_score, rollout_gold_score
 from chatrl.world.tasks import (
     DEMO_MIX,
     FAMILIES,
     SPLITS,
+    is_world_prompt,
     make_prompts,
     perfect_response,
     pretrain_text,
@@ -22,8 +23,10 @@ __all__ = [
     "SPLITS",
     "Judgement",
     "gold_score",
+    "is_world_prompt",
     "make_prompts",
     "perfect_response",
     "pretrain_text",
+    "rollout_gold_score",
     "sft_conversations",
 ]

@@ -235,3 +235,15 @@ def judge(prompt: Prompt, response: str, finished: bool = True) -> Judgement:
 def gold_score(prompt: Prompt, response: str, finished: bool = True) -> float:
     """The gold labeler's score of one response (higher is better; the perfect answer gets 1)."""
     return judge(prompt, response, finished).score
+
+
+def rollout_gold_score(
+    metas: list[dict[str, Any]], responses: list[str], finished: list[bool]
+) -> dict[str, float]:
+    """The mean gold score of responses to world prompts, given their prompts' meta: PPO's
+    ``rollout_metrics``, so that reward-model over-optimisation shows (RM score up, gold down)."""
+    scores = [
+        gold_score(Prompt([], meta), r, f)
+        for meta, r, f in zip(metas, responses, finished, strict=True)
+    ]
+    return {"gold_score": sum(scores) / len(scores)}

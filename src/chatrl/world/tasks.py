@@ -506,6 +506,16 @@ def perfect_text(meta: dict[str, Any]) -> str:
     return REFUSAL
 
 
+def is_world_prompt(prompt: Prompt) -> bool:
+    """Whether the prompt's meta says which world task it is (what the gold labeler needs)."""
+    meta = prompt.meta
+    return (
+        isinstance(meta, dict)
+        and "task" in meta
+        and meta.get("base_family", meta.get("family")) in FAMILIES
+    )
+
+
 def check_meta(prompt: Prompt) -> dict[str, Any]:
     """The prompt's world meta; a UserError if the prompt does not come from this world."""
     meta = prompt.meta
