@@ -317,6 +317,7 @@ def run_rm(run: Run) -> None:
 def run_ppo(run: Run) -> None:
     from chatrl.data import load_prompts
     from chatrl.train.ppo import train_ppo
+    from chatrl.world import rollout_gold_score
 
     cfg, out = run.cfg, run.stage_dir("ppo")
     prompts_path = out / "prompts.jsonl"
@@ -326,12 +327,8 @@ def run_ppo(run: Run) -> None:
         _world_prompts(cfg.ppo.world_prompts, cfg.seed, "train", prompts_path)
     settings = _stage_settings(cfg, "ppo", run.dir)
     settings.resume = True
-    if cfg.world:  # PPO logs the gold score of its rollouts: over-optimisation shows
-        from chatrl.world import rollout_gold_score
-
-        train_ppo(settings, rollout_metrics=rollout_gold_score)
-    else:
-        train_ppo(settings)
+    # In the world, PPO logs the gold score of its rollouts: over-optimisation shows.
+    train_ppo(settings, rollout_metrics=rollout_gold_score if cfg.world else None)
 
 
 def run_eval(run: Run) -> None:

@@ -524,7 +524,7 @@ def check_meta(prompt: Prompt) -> dict[str, Any]:
             "prompt has no world meta (family, task): only prompts made by "
             "`chatrl world prompts` can be judged by the world's gold labeler"
         )
-    if meta.get("base_family", meta["family"]) not in FAMILIES:
+    if not is_world_prompt(prompt):
         raise UserError(f"prompt meta names an unknown family {meta['family']!r}")
     return meta
 
