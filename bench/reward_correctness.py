@@ -1,12 +1,12 @@
 """Does a reward model tell a right answer from a wrong one? A probe in the bundled world.
 
 For world prompts with one exact answer (arithmetic, lists, facts, text), it pairs the
-perfect response with the same sentence whose answer is swapped for a wrong one (a number off
-by one or two, another word of the answer's kind: another capital, another plural…), keeps
-the pairs the gold labeler scores right above wrong, and reports by family the share the
-reward model scores right above wrong, its mean margin (normalised reward), and the share
-the simulated annotators it learned from rank right first. Style, length and format are the
-same on both sides: only correctness differs.
+perfect response with the labelers' wrong one: the same sentence with a plausible wrong answer
+(off by one, another capital, two numbers swapped in a sort…), as in the flawed SFT
+demonstrations. It keeps the pairs the gold labeler scores right above wrong and reports by
+family the share the reward model scores right above wrong, its mean margin (normalised
+reward), and the share the simulated annotators it learned from rank right first. Style,
+length and format are the same on both sides: only correctness differs.
 
     python bench/reward_correctness.py runs/demo/rm               # rank and heldout splits
     python bench/reward_correctness.py runs/demo/rm --prompts 3000
@@ -27,37 +27,22 @@ import common  # noqa: E402
 
 from chatrl.data import Prompt  # noqa: E402
 from chatrl.train.reward import RewardScorer  # noqa: E402
-from chatrl.world import gold_score, make_prompts  # noqa: E402
+from chatrl.world import DEMO_MIX, gold_score, make_prompts  # noqa: E402
 from chatrl.world.annotators import default_annotators  # noqa: E402
-from chatrl.world.judge import WORD_DOMAINS  # noqa: E402
-from chatrl.world.tasks import perfect_text  # noqa: E402
-
-
-def wrong_answer(meta: dict, rng: random.Random):
-    """Another answer of the same kind, or None when the task has no single answer."""
-    answer = meta.get("answer")
-    if isinstance(answer, int) and not isinstance(answer, bool):
-        return max(0, answer + rng.choice([-2, -1, 1, 2]))
-    if isinstance(answer, str) and meta["task"] in WORD_DOMAINS:
-        others = sorted(WORD_DOMAINS[meta["task"]] - {answer, meta.get("word")})
-        return rng.choice(others) if others else None
-    return None
+from chatrl.world.tasks import demonstration, perfect_text  # noqa: E402
 
 
 def pairs(prompts: list[Prompt], seed: int) -> list[tuple[Prompt, str, str]]:
-    """(prompt, right, wrong) with the answer's last mention swapped, judged right > wrong."""
+    """(prompt, right, wrong): the perfect answer and the labelers' wrong one (the same sentence
+    with a plausible wrong answer), for the prompts the gold labeler scores right above wrong."""
     rng = random.Random(seed)
     found = []
     for prompt in prompts:
-        wrong = wrong_answer(prompt.meta, rng)
-        if wrong is None:
-            continue
-        right = perfect_text(prompt.meta)
-        answer = str(prompt.meta["answer"])
-        at = right.rfind(answer)
-        corrupted = right[:at] + str(wrong) + right[at + len(answer) :]
-        if at >= 0 and gold_score(prompt, right) > gold_score(prompt, corrupted):
-            found.append((prompt, right, corrupted))
+        if "wrong" not in DEMO_MIX[prompt.meta.get("base_family", prompt.meta["family"])]:
+            continue  # no single right answer to get wrong (small talk, safety)
+        right, wrong = perfect_text(prompt.meta), demonstration(prompt, "wrong", rng)
+        if gold_score(prompt, right) > gold_score(prompt, wrong):
+            found.append((prompt, right, wrong))
     return found
 
 
