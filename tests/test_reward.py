@@ -269,8 +269,10 @@ def test_score_command_scores_conversations_and_picks_the_best(trained_rm, tmp_p
             {"messages": [*user("What is 4 plus 5?"), {"role": "assistant", "content": good}]}
         )
     )
-    scored = chatrl("rm", "score", "--model", out, "--data", tasks)
+    # fp32, as score_file below (--bf16 auto would be bf16 where it is native).
+    scored = chatrl("rm", "score", "--model", out, "--data", tasks, "--bf16", "false")
     assert scored.returncode == 0, scored.stderr
+    assert "rm score: precision fp32 (bf16 = false)" in scored.stderr
     record = json.loads(scored.stdout)
     assert record["best"] == 1 and record["rewards"][1] > record["rewards"][0]
     [conversation] = reward.score_file(out, convs, tmp_path / "s.jsonl")

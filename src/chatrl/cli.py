@@ -40,6 +40,26 @@ ConfigOpt = Annotated[
 ]
 
 
+def _precision(value: str):
+    """``--bf16 auto|true|false`` as a ``chatrl.precision.Precision``."""
+    from chatrl.precision import parse_precision
+
+    try:
+        return parse_precision(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+Bf16Opt = Annotated[
+    str,
+    typer.Option(
+        callback=_precision,
+        help="bf16: auto (where the hardware runs it natively: a GPU, or a CPU with AVX-512 "
+        "BF16 or AMX; elsewhere it is emulated and many times slower), true or false.",
+    ),
+]
+
+
 def _stage_help(summary: str, cls) -> str:
     from chatrl.config import describe
 
@@ -138,7 +158,8 @@ def sample_cmd(
     )
     tasks, skipped = sample_tasks(model, prompts, out, k, params, batch_size)
     note = f" ({skipped} prompts without 2 distinct responses left out)" if skipped else ""
-    typer.echo(f"{len(tasks)} tasks x {k} responses -> {out}{note}")
+    responses = sum(len(task.responses) for task in tasks)
+    typer.echo(f"{len(tasks)} tasks, {responses} responses -> {out}{note}")
 
 
 app.add_typer(label_app, name="label")
@@ -304,7 +325,7 @@ def rm_score_cmd(
     ] = None,
     raw: Annotated[bool, typer.Option(help="Raw rewards instead of normalised ones.")] = False,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 32,
-    bf16: Annotated[bool, typer.Option(help="bf16 autocast.")] = False,
+    bf16: Bf16Opt = "auto",
 ) -> None:
     """Score responses with a reward model, for inspection and Best-of-n.
 
@@ -314,8 +335,10 @@ def rm_score_cmd(
     """
     import json
 
+    from chatrl.precision import resolve_bf16
     from chatrl.train.reward import print_report, ranked_records_report, score_file
 
+    bf16 = resolve_bf16(bf16, "rm score")
     records = score_file(model, data, out, batch_size=batch_size, raw=raw, bf16=bf16)
     if out is None:
         for record in records:
@@ -411,6 +434,7 @@ def chat_cmd(
     ] = None,
     system: Annotated[str | None, typer.Option(help="System message to start with.")] = None,
     threads: ThreadsOpt = None,
+    bf16: Bf16Opt = "auto",
 ) -> None:
     """Chat with a model in the terminal. Replies stream as they are generated; the
     conversation is kept across turns.
@@ -426,7 +450,7 @@ def chat_cmd(
         max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
     params.check()
-    engine = load_engine(model, threads)
+    engine = load_engine(model, threads, bf16)
     err_console.print(
         f"chatting with {model}: /help lists commands, Ctrl-C stops a reply, Ctrl-D leaves",
         highlight=False,
@@ -464,6 +488,7 @@ def serve_cmd(
         int, typer.Option(min=1, help="Most generations queued or running; more get 503.")
     ] = 256,
     threads: ThreadsOpt = None,
+    bf16: Bf16Opt = "auto",
 ) -> None:
     """Serve a model with an OpenAI-compatible API and a web chat page.
 
@@ -481,7 +506,7 @@ def serve_cmd(
         max_tokens_limit=max_tokens_limit,
         max_queue=max_queue,
     )
-    engine = load_engine(model, threads)
+    engine = load_engine(model, threads, bf16)
     url = f"http://{host}:{port}"
     err_console.print(
         f"serving {model} as {settings.model_name!r}: chat page {url}/, OpenAI base URL {url}/v1"

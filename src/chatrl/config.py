@@ -16,6 +16,12 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from chatrl.errors import UserError
+from chatrl.precision import Precision
+
+BF16_HELP = (
+    "bf16 autocast: true, false, or auto (bf16 where the hardware runs it natively: a GPU, or "
+    "a CPU with AVX-512 BF16 or AMX; fp32 elsewhere, where bf16 is emulated and many times slower)"
+)
 
 
 class StageConfig(BaseModel):
@@ -48,7 +54,7 @@ class LMConfig(StageConfig):
     num_train_epochs: float = Field(1.0, gt=0, description="passes over the data")
     max_steps: int | None = Field(None, gt=0, description="stop after this many updates")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
-    bf16: bool = Field(True, description="bf16 autocast (CPU with AVX-512 bf16, or GPU)")
+    bf16: Precision = Field("auto", description=BF16_HELP)
     fsdp: bool = Field(
         False,
         description="shard weights, gradients and optimiser state over the processes (FSDP) "
@@ -118,7 +124,7 @@ class PPOConfig(StageConfig):
     ptx_max_length: int = Field(256, gt=0, description="PPO-ptx: tokens per row")
     num_train_epochs: float = Field(1.0, gt=0, description="passes over the prompts")
     max_steps: int | None = Field(None, gt=0, description="stop after this many updates")
-    bf16: bool = Field(False, description="bf16 autocast for the forward and backward passes")
+    bf16: Precision = Field("auto", description=BF16_HELP)
     use_peft: bool = Field(False, description="train LoRA adapters; reference = adapters off")
     lora_r: int = Field(16, gt=0, description="LoRA rank")
     lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
@@ -168,7 +174,7 @@ class RMConfig(StageConfig):
     center_rewards_coefficient: float = Field(
         0.0, ge=0, description="penalty on (r_w + r_l)^2 that keeps rewards centred (TRL's)"
     )
-    bf16: bool = Field(True, description="bf16 autocast (CPU with AVX-512 bf16, or GPU)")
+    bf16: Precision = Field("auto", description=BF16_HELP)
     fsdp: bool = Field(
         False,
         description="shard weights, gradients and optimiser state over the processes (FSDP) "

@@ -18,6 +18,7 @@ from chatrl.data import Prompt, load_json_file, load_prompts, write_json
 from chatrl.engine import Engine, SamplingParams
 from chatrl.evaluate import evaluate_responses, response_logprobs
 from chatrl.models import load_causal_lm
+from chatrl.precision import hardware
 from chatrl.train.reward import RewardScorer
 from chatrl.world import perfect_response
 from chatrl.world.judge import gold_score
@@ -253,6 +254,9 @@ def _fmt(value: Any) -> str:
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# chatrl report card — {report['date']}", ""]
     lines += [f"chatrl {report['chatrl_version']}, seed {report['seed']}, {report['machine']}", ""]
+    if report["precision"]:
+        stages = ", ".join(f"{stage} {p}" for stage, p in report["precision"].items())
+        lines += [f"Precision: {stages}.", ""]
     policies = report.get("policies")
     if policies:
         cols = [
@@ -292,7 +296,9 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             "Another `--seed` changes the world's data (text, demonstrations, prompts, held-out "
             "set), the model's initialisation, every sampling step and the annotators' noise; "
-            "the figures above move with it (the README shows two seeds side by side).",
+            "the figures above move with it (the README shows two seeds side by side). With the "
+            "same seed, precision, thread count and CPU, a rerun gives the same figures; another "
+            "precision or CPU rounds differently, and the figures move as with another seed.",
         ]
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in report["seconds"].items()]
@@ -301,12 +307,32 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def precisions(run: Path) -> dict[str, str]:
+    """The precision each training stage of ``run`` ran in, from its ``train_config.json``."""
+    found = {}
+    for stage in ("model", "sft", "rm", "ppo"):
+        path = run / stage / "train_config.json"
+        if path.exists():
+            found[stage] = "bf16" if load_json_file(path)["bf16"] else "fp32"
+    return found
+
+
+def _machine() -> str:
+    hw = hardware()
+    bf16 = "native bf16" if hw.bf16_native else "no native bf16"
+    return (
+        f"{hw.name} ({hw.capability}, {bf16}), {platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+
+
 def write_report(run: Path, records: dict[str, Any], seed: int) -> dict[str, Any]:
     """report.json, report.md and plots/ in the run directory; returns the report."""
     report: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}",
+        "machine": _machine(),
+        "hardware": hardware().to_json(),
+        "precision": precisions(run),
         "chatrl_version": __version__,
         "seed": seed,
         "seconds": {stage: round(r.get("seconds", 0.0), 1) for stage, r in records.items()},

@@ -24,7 +24,7 @@ from chatrl.chat_format import (
     unpacked,
 )
 from chatrl.config import LMConfig
-from chatrl.data import load_conversations, load_text, write_json
+from chatrl.data import load_conversations, load_text
 from chatrl.errors import UserError
 from chatrl.models import load_causal_lm, save_model
 from chatrl.train.loop import (
@@ -33,6 +33,7 @@ from chatrl.train.loop import (
     accumulate,
     add_lora,
     check_replicas,
+    decide_precision,
     global_batches,
     has_checkpoint,
     load_checkpoint,
@@ -49,6 +50,7 @@ from chatrl.train.loop import (
     seed_everything,
     train_autocast,
     trained_module,
+    write_train_config,
 )
 
 
@@ -157,6 +159,7 @@ def train_lm(cfg: LMConfig, kind: str) -> Path:
             f"{out} holds a checkpoint of an unfinished run; pass --resume to continue it, "
             "or choose another --out"
         )
+    cfg = decide_precision(cfg, kind)
     accelerator = make_accelerator(cfg.bf16, cfg.fsdp)
     seed_everything(cfg.seed)
     model, tokenizer = build_model(cfg)
@@ -180,7 +183,7 @@ def train_lm(cfg: LMConfig, kind: str) -> Path:
     log.truncate_after(state.step)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "train_config.json", {"stage": kind, **cfg.model_dump()})
+        write_train_config(out, kind, cfg)
 
     pad_id = tokenizer.pad_token_id
     loss_module.train()

@@ -38,7 +38,10 @@ from rich.progress import (
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import get_cosine_schedule_with_warmup
 
+from chatrl.config import StageConfig
+from chatrl.data import write_json
 from chatrl.errors import UserError
+from chatrl.precision import hardware, resolve_bf16
 
 CHECKPOINT_DIR = "checkpoint"
 CHECK_REPLICAS = "CHATRL_CHECK_REPLICAS"  # env var: compare weights across processes every step
@@ -81,6 +84,18 @@ def make_accelerator(bf16: bool, fsdp: bool = False) -> Accelerator:
         if bf16:
             plugin.set_mixed_precision("bf16")
     return accelerator
+
+
+def decide_precision(cfg: StageConfig, stage: str) -> StageConfig:
+    """``cfg`` with ``bf16`` decided for this machine (``"auto"``: bf16 where it is native, see
+    ``chatrl.precision``), the choice said on stderr. Trainers save these effective settings."""
+    return cfg.model_copy(update={"bf16": resolve_bf16(cfg.bf16, stage)})
+
+
+def write_train_config(out: Path, stage: str, cfg: StageConfig) -> None:
+    """The effective settings of a training run, and the hardware they ran on, in --out."""
+    record = {"stage": stage, **cfg.model_dump(), "hardware": hardware().to_json()}
+    write_json(out / "train_config.json", record)
 
 
 @contextlib.contextmanager

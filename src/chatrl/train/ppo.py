@@ -42,7 +42,7 @@ from chatrl.chat_format import (
     render,
 )
 from chatrl.config import PPOConfig
-from chatrl.data import Prompt, load_conversations, load_prompts, load_text, read_jsonl, write_json
+from chatrl.data import Prompt, load_conversations, load_prompts, load_text, read_jsonl
 from chatrl.engine import Completion, Engine, SamplingParams
 from chatrl.errors import UserError
 from chatrl.models import load_causal_lm, load_reward_model, reward_normalisation, save_model
@@ -52,6 +52,7 @@ from chatrl.train.loop import (
     TrainerState,
     add_lora,
     check_replicas,
+    decide_precision,
     global_batches,
     load_checkpoint,
     make_accelerator,
@@ -62,6 +63,7 @@ from chatrl.train.loop import (
     seed_everything,
     shard,
     train_autocast,
+    write_train_config,
 )
 
 # rollout_metrics(prompt meta per response, response texts, stopped flags) -> {name: value}:
@@ -672,6 +674,7 @@ def train_ppo(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> 
             f"{out} holds a checkpoint of an unfinished run; pass --resume to continue it, "
             "or choose another --out"
         )
+    cfg = decide_precision(cfg, "ppo")
     accelerator = make_accelerator(cfg.bf16)
     if accelerator.distributed_type == DistributedType.FSDP:
         raise UserError(
@@ -731,7 +734,7 @@ def train_ppo(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> 
     )
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "train_config.json", {"stage": "ppo", **cfg.model_dump()})
+        write_train_config(out, "ppo", cfg)
 
     shown: list[str] = []  # the caller's metric names, shown on the progress bar too
 

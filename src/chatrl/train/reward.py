@@ -70,6 +70,7 @@ from chatrl.train.loop import (
     accumulate,
     add_lora,
     check_replicas,
+    decide_precision,
     global_batches,
     load_checkpoint,
     make_accelerator,
@@ -83,6 +84,7 @@ from chatrl.train.loop import (
     seed_everything,
     train_autocast,
     trained_module,
+    write_train_config,
 )
 
 logger = logging.getLogger(__name__)
@@ -554,6 +556,7 @@ def train_reward(cfg: RMConfig) -> Path:
             f"{out} holds a checkpoint of an unfinished run; pass --resume to continue it, "
             "or choose another --out"
         )
+    cfg = decide_precision(cfg, "rm")
     accelerator = make_accelerator(cfg.bf16, cfg.fsdp)
     seed_everything(cfg.seed)  # the same new head (and adapters) on every process
     model, tokenizer, context = build_reward_model(cfg)
@@ -588,7 +591,7 @@ def train_reward(cfg: RMConfig) -> Path:
     log.truncate_after(state.step)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "train_config.json", {"stage": "rm", **cfg.model_dump()})
+        write_train_config(out, "rm", cfg)
 
     pad_id = tokenizer.pad_token_id
     batch_size = cfg.per_device_train_batch_size
