@@ -20,7 +20,9 @@ demo: $(STAMP)
 
 # One torch thread per process: the suite runs servers, clients and 2-process jobs side by
 # side on small machines, and spinning threads of oversubscribed processes slow it ~20x.
+# scripts/system-packages.sh first: the browser and PostgreSQL tests need Debian packages.
 test: $(STAMP)
+	@bash scripts/system-packages.sh
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q
 
 lint: $(STAMP)

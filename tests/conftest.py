@@ -78,7 +78,7 @@ def serve_url(micro_model, tmp_path_factory) -> str:
         yield url
 
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")  # as scripts/system-packages.sh
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -99,8 +99,6 @@ def browser():
     is open, and later tests that call asyncio.run() (the teacher client) would fail."""
     from playwright.sync_api import sync_playwright
 
-    if not Path(CHROMIUM).exists():
-        raise RuntimeError(f"{CHROMIUM} not found: apt-get install chromium (.ci/run does)")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
@@ -109,14 +107,29 @@ def browser():
         browser.close()
 
 
-def _postgres_bindir() -> Path:
+def _postgres_bindir() -> Path | None:
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     initdb = found[-1] if found else shutil.which("initdb")
-    if initdb is None:
-        raise RuntimeError(
-            "PostgreSQL server binaries not found: apt-get install postgresql (.ci/run does)"
+    return Path(initdb).parent if initdb else None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Stop before any test runs when a selected test needs a system package that is missing
+    (scripts/system-packages.sh, which `make test` runs first, installs them), rather than
+    erroring halfway through the suite."""
+    missing = []
+    if any("browser" in item.keywords for item in items) and not Path(CHROMIUM).exists():
+        missing.append("chromium")
+    if any("postgres" in item.keywords for item in items) and _postgres_bindir() is None:
+        missing.append("postgresql")
+    if missing:
+        packages = " ".join(missing)
+        pytest.exit(
+            f"these tests need {packages}, missing here: run scripts/system-packages.sh "
+            f"(or 'sudo apt-get install {packages}'), or deselect them with -m 'not browser "
+            "and not postgres'",
+            returncode=2,
         )
-    return Path(initdb).parent
 
 
 @pytest.fixture(scope="session")
@@ -124,6 +137,7 @@ def postgres_server():
     """A throwaway PostgreSQL cluster on 127.0.0.1; yields a function that creates an empty
     database on it and returns its SQLAlchemy URL."""
     bindir = _postgres_bindir()
+    assert bindir is not None  # pytest_collection_modifyitems stops the run otherwise
     # initdb and pg_ctl refuse to run as root; the data dir must be the postgres user's.
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     data = Path(tempfile.mkdtemp(prefix="chatrl-pg-"))
