@@ -1,11 +1,18 @@
-"""What the benchmarks share: the bench model, its tokenizer, data, and this machine's peak.
+"""What the benchmarks share: the bench model, its tokenizer, data, this machine's peak, the
+precision choice, and the result line that records both.
 
 The bench model is REFERENCE.md's: Llama, 6 layers, hidden 256, FFN 1024, 4 heads, vocabulary
 8192, untied head (10.49 M parameters). Everything is built locally from a seed.
+
+Precision follows chatrl's: ``--precision auto`` (the default) is bf16 where the hardware runs
+it natively (a GPU, or a CPU with AVX-512 BF16 or AMX) and fp32 elsewhere, where bf16 is
+emulated and many times slower; ``fp32`` or ``bf16`` forces one. Every result line names the
+precision and the machine, so that figures from different machines are never mixed up.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import time
@@ -14,8 +21,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from chatrl.models import train_tokenizer
+from chatrl.precision import cpu_model, hardware, resolve_bf16
 
 VOCAB = 8192
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WORDS = (
     "the a cat dog sat ran on under mat house red blue green quick slow river stone tree light "
     "what is how why when where who tell me about please answer question number city capital "
@@ -85,6 +94,37 @@ def matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> f
     return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
 
 
-def print_result(result: dict) -> None:
-    """The final JSON line every benchmark ends with."""
-    print(json.dumps(result), flush=True)
+def add_precision(parser: argparse.ArgumentParser) -> None:
+    """``--precision {auto,fp32,bf16}``, default auto."""
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto (default): bf16 where this hardware runs it natively (a GPU, or a CPU with "
+        "AVX-512 BF16 or AMX), fp32 elsewhere; fp32 or bf16 forces one (bf16 where it is only "
+        "emulated runs, many times slower, after a warning)",
+    )
+
+
+def resolve_precision(choice: str, what: str) -> str:
+    """``"fp32"`` or ``"bf16"`` for a ``--precision`` choice, said on stderr as chatrl says it."""
+    setting = {"auto": "auto", "fp32": False, "bf16": True}[choice]
+    return "bf16" if resolve_bf16(setting, what) else "fp32"
+
+
+def machine() -> dict:
+    """This machine: the device that trains (``device``, ``name``, ``capability``,
+    ``bf16_native``: the GPU if there is one), the CPU and its capability, torch's threads and
+    version."""
+    return {
+        **hardware().to_json(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def print_result(result: dict, precision: str) -> None:
+    """The final JSON line every benchmark ends with, with the precision and the machine."""
+    print(json.dumps({**result, "precision": precision, "machine": machine()}), flush=True)

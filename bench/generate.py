@@ -8,7 +8,11 @@ counts; the compiled engine's warm-up includes its compilation, which is not cou
 tokens/s = batch x 64 / wall time of the whole call (prefill included). The machine may be
 shared: compare the columns, not runs.
 
-    python bench/generate.py                     # batch 1, 16, 64; fp32 and bf16
+fp32, the reference, always runs, and bf16 too where it is the precision chosen: by default
+where the hardware runs bf16 natively (--precision bf16 forces it, --dtypes chooses freely).
+
+    python bench/generate.py                     # batch 1, 16, 64; fp32 (and bf16 if native)
+    python bench/generate.py --dtypes bf16       # bf16 only
     python bench/generate.py --threads 1         # steadier on a machine shared with others
     python bench/generate.py --profile 16        # where the engine's time goes, batch 16
 """
@@ -31,7 +35,6 @@ from chatrl.chat_format import encode_prompt  # noqa: E402
 from chatrl.engine import Engine, SamplingParams  # noqa: E402
 
 NEW_TOKENS = 64
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
@@ -126,13 +129,18 @@ def profile(model, tokenizer, batch_size: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="1,16,64")
-    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument(
+        "--dtypes", help="comma-separated, of fp32 and bf16 (default: fp32, and bf16 if chosen)"
+    )
+    common.add_precision(parser)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--profile", type=int, metavar="BATCH", help="profile the engine instead")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    precision = common.resolve_precision(args.precision, "bench/generate.py")
+    dtypes = args.dtypes or ("fp32,bf16" if precision == "bf16" else "fp32")
 
     tokenizer = common.bench_tokenizer()
     model = common.bench_model(tokenizer).eval()
@@ -151,8 +159,8 @@ def main() -> None:
         f"{'dtype':>5} {'batch':>5} {'generate tok/s':>15} {'engine tok/s':>13} {'ratio':>6} "
         f"{'compiled tok/s':>15} {'ratio':>6}"
     )
-    for dtype_name in args.dtypes.split(","):
-        model.to(DTYPES[dtype_name])
+    for dtype_name in dtypes.split(","):
+        model.to(common.DTYPES[dtype_name])
         for batch_size in map(int, args.batch_sizes.split(",")):
             r = compare(model, tokenizer, batch_size, args.reps)
             results[f"{dtype_name}_batch{batch_size}"] = {k: round(v, 2) for k, v in r.items()}
@@ -167,7 +175,8 @@ def main() -> None:
             "new_tokens": NEW_TOKENS,
             "threads": torch.get_num_threads(),
             "results": results,
-        }
+        },
+        precision,
     )
 
 

@@ -6,7 +6,8 @@ from the policy's weights), 256 prompts of about 22 tokens (the same token ids),
 per update, one response each of up to 32 tokens at temperature 1, one PPO epoch of one
 mini-batch, KL coefficient 0.05, the same learning rate, fp32 (TRL's bf16 switch has no
 effect on a CPU). The sides run one after the other, each in a child process of this one;
-chatrl also runs a second time with bf16 autocast.
+where the precision chosen is bf16 (by default where the hardware runs bf16 natively;
+--precision bf16 forces it), chatrl also runs a second time with bf16 autocast.
 
 samples/s = responses of updates 2–16 / the wall time they took (the first update warms up);
 CPU s/update is the process's CPU time over the same updates, which a busy machine inflates
@@ -14,8 +15,9 @@ far less than wall time (with --threads 1 not at all: no thread waits for anothe
 time per update is broken down into generate / score (reward model) / forward (reference
 log-probs and values) / train.
 
-    python bench/ppo.py               # prints a table, then one JSON line
-    python bench/ppo.py --threads 1   # one torch thread per side: CPU times comparable under load
+    python bench/ppo.py                    # prints a table, then one JSON line
+    python bench/ppo.py --threads 1        # one torch thread per side: CPU times comparable
+    python bench/ppo.py --precision fp32   # without chatrl's bf16 run
 """
 
 from __future__ import annotations
@@ -181,17 +183,20 @@ def main() -> None:
     parser.add_argument("--side", choices=["trl", "chatrl", "chatrl-bf16"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    common.add_precision(parser)
     args = parser.parse_args()
     if args.side:
         side(args)
         return
+    precision = common.resolve_precision(args.precision, "bench/ppo.py")
+    names = ["trl", "chatrl"] + (["chatrl-bf16"] if precision == "bf16" else [])
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         prepare(work)
         lengths = [len(p) for p in prompt_ids(work)]
         results = {}
-        for name in ["trl", "chatrl", "chatrl-bf16"]:
+        for name in names:
             cmd = [sys.executable, __file__, "--side", name, "--work", str(work)]
             cmd += ["--threads", str(args.threads)]
             done = subprocess.run(cmd, capture_output=True, text=True)
@@ -208,40 +213,38 @@ def main() -> None:
         f"{len(results['trl']['stamps'])} updates, torch threads: {args.threads or 'default'}"
     )
     labels = {"trl": "TRL 1.12 PPOTrainer", "chatrl": "chatrl fp32", "chatrl-bf16": "chatrl bf16"}
-    for name, label in labels.items():
+    for name in names:
         print(
-            f"  {label:<20} {speed[name]:6.1f} samples/s  {BATCH / speed[name]:5.2f} s/update  "
-            f"{cpu[name]:5.2f} CPU s/update"
+            f"  {labels[name]:<20} {speed[name]:6.1f} samples/s  "
+            f"{BATCH / speed[name]:5.2f} s/update  {cpu[name]:5.2f} CPU s/update"
         )
-    for name in ["chatrl", "chatrl-bf16"]:
+    for name in names[1:]:
         phases = results[name]["phases"]
         total = sum(phases.values())
         parts = "  ".join(f"{p} {s:.3f} s ({s / total:.0%})" for p, s in phases.items())
         print(f"  {name} per update: {parts}")
-    ratio, ratio_bf16 = speed["chatrl"] / speed["trl"], speed["chatrl-bf16"] / speed["trl"]
-    cpu_ratio, cpu_ratio_bf16 = cpu["trl"] / cpu["chatrl"], cpu["trl"] / cpu["chatrl-bf16"]
-    print(f"  chatrl / TRL samples/s: {ratio:.2f}x fp32, {ratio_bf16:.2f}x bf16")
-    print(f"  TRL / chatrl CPU time:  {cpu_ratio:.2f}x fp32, {cpu_ratio_bf16:.2f}x bf16")
-    common.print_result(
-        {
-            "bench": "ppo",
-            "threads": args.threads or None,
-            "trl_samples_per_s": round(speed["trl"], 2),
-            "chatrl_samples_per_s": round(speed["chatrl"], 2),
-            "chatrl_bf16_samples_per_s": round(speed["chatrl-bf16"], 2),
-            "ratio": round(ratio, 2),
-            "ratio_bf16": round(ratio_bf16, 2),
-            "cpu_s_per_update": {k: round(v, 3) for k, v in cpu.items()},
-            "cpu_ratio": round(cpu_ratio, 2),
-            "cpu_ratio_bf16": round(cpu_ratio_bf16, 2),
-            "chatrl_phases_s": {k: round(v, 3) for k, v in results["chatrl"]["phases"].items()},
-            "chatrl_bf16_phases_s": {
-                k: round(v, 3) for k, v in results["chatrl-bf16"]["phases"].items()
+    summary = {
+        "bench": "ppo",
+        "threads": args.threads or None,
+        "trl_samples_per_s": round(speed["trl"], 2),
+        "cpu_s_per_update": {k: round(v, 3) for k, v in cpu.items()},
+        "mean_response_tokens": round(results["chatrl"]["response_length"], 1),
+    }
+    for name in names[1:]:
+        suffix = name.removeprefix("chatrl").replace("-", "_")  # "" or "_bf16"
+        ratio, cpu_ratio = speed[name] / speed["trl"], cpu["trl"] / cpu[name]
+        print(f"  {name} / TRL samples/s: {ratio:.2f}x; TRL / {name} CPU time: {cpu_ratio:.2f}x")
+        summary |= {
+            f"chatrl{suffix}_samples_per_s": round(speed[name], 2),
+            f"ratio{suffix}": round(ratio, 2),
+            f"cpu_ratio{suffix}": round(cpu_ratio, 2),
+            f"chatrl{suffix}_phases_s": {
+                k: round(v, 3) for k, v in results[name]["phases"].items()
             },
-            "mean_response_tokens": round(results["chatrl"]["response_length"], 1),
-            "bf16_first_ratio": round(results["chatrl-bf16"]["first_ratio"], 5),
         }
-    )
+    if "chatrl-bf16" in results:
+        summary["bf16_first_ratio"] = round(results["chatrl-bf16"]["first_ratio"], 5)
+    common.print_result(summary, precision)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Both sides train a reward model from the bench model (10.49 M parameters: a one-output score
 head on its decoder) on the same 448 preference pairs (TRL's conversational
-prompt/chosen/rejected format, prompts and responses of 3-9 words), batch 16 pairs, bf16
-autocast, two epochs, one after the other in child processes of this one.
+prompt/chosen/rejected format, prompts and responses of 3-9 words), batch 16 pairs, two
+epochs, one after the other in child processes of this one, in one precision: by default bf16
+autocast where the hardware runs bf16 natively, fp32 elsewhere (--precision forces one).
 pairs/s = pairs trained on / training time. TRL's clock runs through `train()` (its
 tokenisation happened before, in the trainer's constructor); chatrl's through its training
 loop. chatrl's whole run (model loading and tokenisation before the loop, the normalisation
@@ -17,8 +18,9 @@ K = 4 rankings of the same kind of text (112 rankings, 8 per batch — 32 respon
 like 16 pairs — two epochs), counting K(K-1)/2 = 6 pairs per ranking: every ranking's
 responses share one forward and their prompt is computed once.
 
-    python bench/reward.py            # prints a table, then one JSON line
-    python bench/reward.py --reps 3   # three alternating rounds, medians (a shared machine)
+    python bench/reward.py                    # prints a table, then one JSON line
+    python bench/reward.py --reps 3           # three alternating rounds, medians (shared machine)
+    python bench/reward.py --precision bf16   # bf16 even where it is emulated (slow)
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class Clock:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def run_chatrl(model: Path, data: Path, out: Path, batch: int) -> dict[str, float]:
+def run_chatrl(model: Path, data: Path, out: Path, batch: int, bf16: bool) -> dict[str, float]:
     from contextlib import contextmanager
 
     from chatrl.config import RMConfig
@@ -98,7 +100,7 @@ def run_chatrl(model: Path, data: Path, out: Path, batch: int) -> dict[str, floa
 
     cfg = RMConfig(
         model=str(model), data=str(data), out=str(out), per_device_train_batch_size=batch,
-        num_train_epochs=EPOCHS, bf16=True, save_steps=10**9, learning_rate=LEARNING_RATE,
+        num_train_epochs=EPOCHS, bf16=bf16, save_steps=10**9, learning_rate=LEARNING_RATE,
         warmup_ratio=0.0,
     )  # fmt: skip
     loop, total = Clock(), Clock()
@@ -118,7 +120,9 @@ def run_chatrl(model: Path, data: Path, out: Path, batch: int) -> dict[str, floa
     return {"seconds": loop.wall, "cpu_seconds": loop.cpu, "whole_run": total.wall}
 
 
-def run_trl(model_dir: Path, data: Path, out: Path, checkpointing: bool) -> dict[str, float]:
+def run_trl(
+    model_dir: Path, data: Path, out: Path, checkpointing: bool, bf16: bool
+) -> dict[str, float]:
     from datasets import load_dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl import RewardConfig, RewardTrainer
@@ -136,7 +140,7 @@ def run_trl(model_dir: Path, data: Path, out: Path, checkpointing: bool) -> dict
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
     config = RewardConfig(
         output_dir=str(out), per_device_train_batch_size=BATCH, num_train_epochs=EPOCHS,
-        bf16=True, use_cpu=True, gradient_checkpointing=checkpointing, max_length=1024,
+        bf16=bf16, use_cpu=True, gradient_checkpointing=checkpointing, max_length=1024,
         learning_rate=LEARNING_RATE, report_to="none", save_strategy="no",
         logging_steps=10**9, dataloader_num_workers=0,
     )  # fmt: skip
@@ -149,18 +153,17 @@ def run_trl(model_dir: Path, data: Path, out: Path, checkpointing: bool) -> dict
     return {"seconds": clock.wall, "cpu_seconds": clock.cpu}
 
 
-def side(args) -> None:
-    out = Path(tempfile.mkdtemp()) / "o"
+def side(args, precision: str) -> None:
+    out, bf16 = Path(tempfile.mkdtemp()) / "o", precision == "bf16"
+    model, data = Path(args.model), Path(args.data)
     if args.side == "chatrl":
         batch = BATCH if args.variant == "pairs" else BATCH * 2 // K
-        print(json.dumps(run_chatrl(Path(args.model), Path(args.data), out, batch)))
+        print(json.dumps(run_chatrl(model, data, out, batch, bf16)))
     else:
-        print(
-            json.dumps(run_trl(Path(args.model), Path(args.data), out, args.variant == "default"))
-        )
+        print(json.dumps(run_trl(model, data, out, args.variant == "default", bf16)))
 
 
-def main(reps: int) -> None:
+def main(reps: int, precision: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-reward-"))
     model, pairs, rankings = prepare(work)
     runs = [
@@ -174,7 +177,7 @@ def main(reps: int) -> None:
         for name, data, n_pairs in runs:
             side_name, variant = name.split("_", 1)
             cmd = [sys.executable, __file__, "--side", side_name, "--variant", variant]
-            cmd += ["--model", str(model), "--data", str(data)]
+            cmd += ["--model", str(model), "--data", str(data), "--precision", precision]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -230,7 +233,7 @@ def main(reps: int) -> None:
         f"{summary['ratio_vs_trl_no_checkpointing']}x; K=4 rankings / TRL defaults: "
         f"{summary['ratio_k4_vs_trl_default']}x"
     )
-    common.print_result(summary)
+    common.print_result(summary, precision)
 
 
 if __name__ == "__main__":
@@ -242,5 +245,7 @@ if __name__ == "__main__":
     parser.add_argument("--model")
     parser.add_argument("--data")
     parser.add_argument("--reps", type=int, default=1, help="rounds of all four runs")
+    common.add_precision(parser)
     args = parser.parse_args()
-    side(args) if args.side else main(args.reps)
+    precision = common.resolve_precision(args.precision, "bench/reward.py")
+    side(args, precision) if args.side else main(args.reps, precision)

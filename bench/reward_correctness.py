@@ -11,7 +11,8 @@ length and format are the same on both sides: only correctness differs.
     python bench/reward_correctness.py runs/demo/rm               # rank and heldout splits
     python bench/reward_correctness.py runs/demo/rm --prompts 3000
 
-Prints a table, then one JSON line.
+Prints a table, then one JSON line. The reward model scores in bf16 where the hardware runs it
+natively, fp32 elsewhere (--precision forces one).
 """
 
 from __future__ import annotations
@@ -74,9 +75,11 @@ def main() -> None:
     parser.add_argument("reward_model", help="a reward model directory (`chatrl rm` output)")
     parser.add_argument("--prompts", type=int, default=2000, help="world prompts per split")
     parser.add_argument("--seed", type=int, default=0)
+    common.add_precision(parser)
     args = parser.parse_args()
+    precision = common.resolve_precision(args.precision, "bench/reward_correctness.py")
 
-    scorer = RewardScorer(args.reward_model)
+    scorer = RewardScorer(args.reward_model, bf16=precision == "bf16")
     results = {}
     print(
         f"{'split':>8} {'family':>11} {'pairs':>6} {'RM right>wrong':>15} {'margin':>7} "
@@ -91,7 +94,8 @@ def main() -> None:
                 f"{r['rm_margin']:>+7.3f} {r['annotators_right_first']:>11.3f}"
             )
     common.print_result(
-        {"bench": "reward_correctness", "reward_model": args.reward_model, "results": results}
+        {"bench": "reward_correctness", "reward_model": args.reward_model, "results": results},
+        precision,
     )
 
 

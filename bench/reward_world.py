@@ -14,6 +14,8 @@ reward by family and verdict (does it punish harmful compliance and over-refusal
     python bench/reward_world.py --sft runs/demo/sft
 
 Prints a table, then one JSON line. Sizes default to the demo's; it takes a while on a CPU.
+Training and scoring run in bf16 where the hardware runs it natively, fp32 elsewhere
+(--precision forces one); sampling runs in fp32.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from chatrl.world.annotators import default_annotators, gold_agreement, label_ta
 from chatrl.world.judge import judge  # noqa: E402
 
 
-def build_sft(work: Path, args) -> Path:
+def build_sft(work: Path, args, bf16: bool) -> Path:
     """A small model pretrained on the world's text and fine-tuned on its demonstrations."""
     if (work / "sft" / "config.json").exists():
         return work / "sft"
@@ -51,7 +53,7 @@ def build_sft(work: Path, args) -> Path:
         LMConfig(
             model=str(work / "init"), data=str(work / "text.txt"), out=str(work / "pretrained"),
             max_steps=args.pretrain_steps, per_device_train_batch_size=32, max_length=128,
-            learning_rate=3e-3, seed=args.seed,
+            learning_rate=3e-3, seed=args.seed, bf16=bf16,
         ),
         "pretrain",
     )  # fmt: skip
@@ -61,7 +63,7 @@ def build_sft(work: Path, args) -> Path:
     train_lm(
         LMConfig(
             model=str(work / "pretrained"), data=str(work / "sft.jsonl"), out=str(work / "sft"),
-            num_train_epochs=2, learning_rate=1e-3, seed=args.seed,
+            num_train_epochs=2, learning_rate=1e-3, seed=args.seed, bf16=bf16,
         ),
         "sft",
     )  # fmt: skip
@@ -119,12 +121,15 @@ def main() -> None:
     parser.add_argument("--heldout-prompts", type=int, default=300)
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
+    common.add_precision(parser)
     args = parser.parse_args()
+    precision = common.resolve_precision(args.precision, "bench/reward_world.py")
+    bf16 = precision == "bf16"
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    sft = args.sft or build_sft(work, args)
+    sft = args.sft or build_sft(work, args, bf16)
     train_tasks = sampled(
         sft, work, "train", make_prompts(args.train_prompts, args.seed, "rank"), args.seed
     )
@@ -146,11 +151,11 @@ def main() -> None:
         RMConfig(
             model=str(sft), data=str(work / "rankings.jsonl"), out=str(work / "rm"),
             eval_data=str(work / "heldout-rankings.jsonl"), num_train_epochs=args.epochs,
-            learning_rate=args.learning_rate, seed=args.seed,
+            learning_rate=args.learning_rate, seed=args.seed, bf16=bf16,
         )
     )  # fmt: skip
 
-    scorer = RewardScorer(rm)
+    scorer = RewardScorer(rm, bf16=bf16)
     flat = scorer.score(
         [t.prompt for t in held_tasks for _ in t.responses],
         [r for t in held_tasks for r in t.responses],
@@ -197,7 +202,8 @@ def main() -> None:
             "rm_accuracy_vs_annotators": round(held_out["accuracy"], 4),
             "reward_by_verdict": verdicts,
             "seconds": round(time.perf_counter() - started),
-        }
+        },
+        precision,
     )
 
 

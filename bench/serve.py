@@ -6,8 +6,10 @@ Each client asks for up to 64 tokens at temperature 1 (a random model rarely sto
 tokens are counted from ``usage``). Reports generated tokens/s over the wall time of each
 phase, time to first streamed token, and the worst ``GET /health`` latency while 32 streams
 run (the event loop must stay responsive). The machine may be shared: compare phases, not runs.
+The server's weights are bf16 where the hardware runs bf16 natively, fp32 elsewhere
+(--precision forces one).
 
-    python bench/serve.py [--threads N]
+    python bench/serve.py [--threads N] [--precision auto|fp32|bf16]
 """
 
 from __future__ import annotations
@@ -101,13 +103,15 @@ async def measure(url: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the server")
+    common.add_precision(parser)
     args = parser.parse_args()
+    precision = common.resolve_precision(args.precision, "bench/serve.py")
     tokenizer = common.bench_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         save_model(common.bench_model(tokenizer), tokenizer, Path(tmp) / "model")
         port = free_port()
         command = [sys.executable, "-m", "chatrl", "serve", str(Path(tmp) / "model")]
-        command += ["--port", str(port)]
+        command += ["--port", str(port), "--bf16", str(precision == "bf16").lower()]
         if args.threads:
             command += ["--threads", str(args.threads)]
         log = Path(tmp) / "serve.log"
@@ -122,7 +126,7 @@ def main() -> None:
             server.wait()
     for name, value in figures.items():
         print(f"{name:36s} {value:10.3f}")
-    print(json.dumps({"bench": "serve", "threads": args.threads, **figures}))
+    common.print_result({"bench": "serve", "threads": args.threads, **figures}, precision)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """SFT tokens/s: chatrl's trainer vs TRL 1.12's SFTTrainer, same model, data, batch, precision.
 
 Both sides train the bench model (10.49 M parameters) on the same 1024 conversations of ~36
-tokens, batch 16, bf16 autocast, assistant-only loss, two epochs, one after the other in
-child processes of this one. tokens/s = real (non-padding) tokens trained on / training time.
-Also reported: TRL without gradient checkpointing (its default turns it on), chatrl with
-packing (its best setting), and model FLOPs utilisation against matmul peaks measured now.
+tokens, batch 16, assistant-only loss, two epochs, one after the other in child processes of
+this one, in one precision: by default bf16 autocast where the hardware runs bf16 natively,
+fp32 elsewhere (--precision forces one). tokens/s = real (non-padding) tokens trained on /
+training time. Also reported: TRL without gradient checkpointing (its default turns it on),
+chatrl with packing (its best setting), and model FLOPs utilisation against the matmul peak of
+that precision, measured now.
 
-    python bench/sft.py            # prints a table, then one JSON line
+    python bench/sft.py                    # prints a table, then one JSON line
+    python bench/sft.py --precision bf16   # bf16 even where it is emulated (slow)
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def prepare(work: Path) -> tuple[Path, Path, int]:
     return work / "model", work / "sft.jsonl", tokens
 
 
-def run_chatrl(model: Path, data: Path, out: Path, packing: bool) -> float:
+def run_chatrl(model: Path, data: Path, out: Path, packing: bool, bf16: bool) -> float:
     from chatrl.config import LMConfig
     from chatrl.train.lm import train_lm
 
@@ -50,7 +53,7 @@ def run_chatrl(model: Path, data: Path, out: Path, packing: bool) -> float:
         out=str(out),
         per_device_train_batch_size=BATCH,
         num_train_epochs=EPOCHS,
-        bf16=True,
+        bf16=bf16,
         packing=packing,
         max_length=576 if packing else 1024,
         save_steps=10**9,
@@ -64,7 +67,7 @@ def run_chatrl(model: Path, data: Path, out: Path, packing: bool) -> float:
     return train_seconds
 
 
-def run_trl(model_dir: Path, data: Path, out: Path, checkpointing: bool) -> float:
+def run_trl(model_dir: Path, data: Path, out: Path, checkpointing: bool, bf16: bool) -> float:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -84,7 +87,7 @@ def run_trl(model_dir: Path, data: Path, out: Path, checkpointing: bool) -> floa
         output_dir=str(out),
         per_device_train_batch_size=BATCH,
         num_train_epochs=EPOCHS,
-        bf16=True,
+        bf16=bf16,
         use_cpu=True,
         gradient_checkpointing=checkpointing,
         assistant_only_loss=True,
@@ -104,20 +107,17 @@ def run_trl(model_dir: Path, data: Path, out: Path, checkpointing: bool) -> floa
     return Clock.end - Clock.start
 
 
-def side(args) -> None:
-    out = Path(tempfile.mkdtemp())
+def side(args, precision: str) -> None:
+    out, bf16 = Path(tempfile.mkdtemp()), precision == "bf16"
+    model, data = Path(args.model), Path(args.data)
     if args.side == "chatrl":
-        seconds = run_chatrl(
-            Path(args.model), Path(args.data), out / "o", args.variant == "packing"
-        )
+        seconds = run_chatrl(model, data, out / "o", args.variant == "packing", bf16)
     else:
-        seconds = run_trl(Path(args.model), Path(args.data), out / "o", args.variant == "default")
+        seconds = run_trl(model, data, out / "o", args.variant == "default", bf16)
     print(json.dumps({"seconds": seconds}))
 
 
-def main() -> None:
-    import torch
-
+def main(precision: str) -> None:
     from chatrl.models import count_parameters
 
     work = Path(tempfile.mkdtemp(prefix="bench-sft-"))
@@ -125,7 +125,7 @@ def main() -> None:
     lm = common.bench_model(common.bench_tokenizer())
     # Model FLOPs per token: 6 x parameters that multiply (all but the input embedding).
     flops_per_token = 6 * (count_parameters(lm) - lm.get_input_embeddings().weight.numel())
-    peaks = {"fp32": common.matmul_peak(torch.float32), "bf16": common.matmul_peak(torch.bfloat16)}
+    peak = common.matmul_peak(common.DTYPES[precision])
     runs = [
         ("trl", "default"),
         ("trl", "no-checkpointing"),
@@ -145,20 +145,22 @@ def main() -> None:
             str(model),
             "--data",
             str(data),
+            "--precision",
+            precision,
         ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"{name} {variant} failed:\n{done.stderr[-3000:]}")
         seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
         rate = tokens * EPOCHS / seconds
-        mfu = rate * flops_per_token / (peaks["bf16"] * 1e9)
-        results[f"{name}_{variant}"] = {"tokens_per_s": round(rate, 1), "mfu_bf16": round(mfu, 4)}
-        print(f"{name:7s} {variant:17s} {rate:8.0f} tokens/s  MFU {mfu:.1%} of bf16 peak")
+        mfu = rate * flops_per_token / (peak * 1e9)
+        results[f"{name}_{variant}"] = {"tokens_per_s": round(rate, 1), "mfu": round(mfu, 4)}
+        print(f"{name:7s} {variant:17s} {rate:8.0f} tokens/s  MFU {mfu:.1%} of {precision} peak")
     base = results["trl_default"]["tokens_per_s"]
     summary = {
         "bench": "sft",
         "tokens": tokens * EPOCHS,
-        "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
+        "matmul_peak_gflops": {precision: round(peak, 1)},
         **results,
         "ratio_vs_trl_default": round(results["chatrl_padded"]["tokens_per_s"] / base, 2),
         "ratio_vs_trl_no_checkpointing": round(
@@ -173,7 +175,7 @@ def main() -> None:
         f"vs TRL without checkpointing: {summary['ratio_vs_trl_no_checkpointing']}x; "
         f"chatrl packed / TRL: {summary['ratio_packing_vs_trl_default']}x"
     )
-    common.print_result(summary)
+    common.print_result(summary, precision)
 
 
 if __name__ == "__main__":
@@ -184,5 +186,7 @@ if __name__ == "__main__":
     parser.add_argument("--variant")
     parser.add_argument("--model")
     parser.add_argument("--data")
+    common.add_precision(parser)
     args = parser.parse_args()
-    side(args) if args.side else main()
+    precision = common.resolve_precision(args.precision, "bench/sft.py")
+    side(args, precision) if args.side else main(precision)
