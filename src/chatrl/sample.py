@@ -23,6 +23,11 @@ from chatrl.errors import UserError
 from chatrl.models import load_causal_lm
 
 MAX_REDRAWS = 3
+# Engine batches of prompts sampled together, so that the prompts whose samples repeat are
+# re-drawn together in full batches: re-drawing one engine batch's repeats in near-empty
+# batches of their own took about as long as the batch itself (demo's SFT model, 800 prompts:
+# 14.0 s a batch at a time, 11.0 s at once).
+BATCHES_PER_ROUND = 8
 
 
 class _Sampler:
@@ -88,12 +93,12 @@ def sample_tasks(
     loaded = load_prompts(prompts)
     policy, tokenizer = load_causal_lm(model)
     draw = _Sampler(Engine(policy, tokenizer, max_batch_size=batch_size), params, params.seed)
-    per_batch = max(1, batch_size // k)
+    per_round = max(1, batch_size // k) * BATCHES_PER_ROUND
     tasks: list[Task] = []
     with Progress(console=console or Console(stderr=True)) as progress:
         bar = progress.add_task(f"sampling {k} responses per prompt", total=len(loaded))
-        for start in range(0, len(loaded), per_batch):
-            chunk = loaded[start : start + per_batch]
+        for start in range(0, len(loaded), per_round):
+            chunk = loaded[start : start + per_round]
             tasks += distinct_tasks(draw, chunk, k)
             progress.advance(bar, len(chunk))
     write_jsonl(out, (task.to_json() for task in tasks))
