@@ -80,7 +80,14 @@ def test_run_writes_every_stage_and_a_report(finished_run):
     assert len(report["targets"]) == 7
     for key in ("rm_accuracy", "annotator_agreement", "seconds", "seed", "chatrl_version"):
         assert key in report
-    assert (finished_run / "report.md").read_text().startswith("# chatrl report card")
+    card = (finished_run / "report.md").read_text()
+    assert card.startswith("# chatrl report card")
+    # The precision each trainer chose, and the CPU it ran on, are on the card.
+    assert set(report["precision"]) == {"model", "sft", "rm", "ppo"}
+    assert set(report["precision"].values()) <= {"bf16", "fp32"}
+    precisions = ", ".join(f"{stage} {p}" for stage, p in report["precision"].items())
+    assert f"Precision: {precisions}." in card
+    assert report["hardware"]["name"] in card
     for plot in ("training.png", "ppo.png", "families.png"):
         assert (finished_run / "plots" / plot).stat().st_size > 1000
     assert (finished_run / "config.toml").exists()

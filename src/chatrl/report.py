@@ -296,7 +296,7 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             "Another `--seed` changes the world's data (text, demonstrations, prompts, held-out "
             "set), the model's initialisation, every sampling step and the annotators' noise; "
-            "the figures above move with it (the README shows two seeds side by side). With the "
+            "the figures above move with it (the README compares runs). With the "
             "same seed, precision, thread count and CPU, a rerun gives the same figures; another "
             "precision or CPU rounds differently, and the figures move as with another seed.",
         ]
