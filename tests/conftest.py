@@ -1,4 +1,4 @@
-"""Shared fixtures: small models built locally (no downloads) and sample data."""
+"""Shared fixtures and helpers: small models built locally (no downloads), sample data, checks."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import shutil
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 from servers import chat_server, free_port
 
+from chatrl.errors import UserError
 from chatrl.models import init_model
 
 
@@ -39,6 +42,56 @@ def write_sft(path: Path, n: int, seed: int = 0) -> Path:
             ]
             f.write(json.dumps({"messages": messages}) + "\n")
     return path
+
+
+def metric_lines(out: Path) -> list[str]:
+    return (out / "metrics.jsonl").read_text().splitlines()
+
+
+def check_resume_after_kill_between_renames(
+    train: Callable[[Path, bool], Path], tmp_path: Path, monkeypatch
+) -> None:
+    """A run killed between save_checkpoint's two renames (its last complete checkpoint is
+    ``.checkpoint.old``, the next one is ``.checkpoint.tmp``, there is no ``checkpoint``)
+    refuses to start over without resume, continues from ``.checkpoint.old`` with it, ends where
+    an uninterrupted run does and leaves no checkpoint behind.
+
+    ``train(out, resume)`` runs a trainer that logs every step and checkpoints at least twice.
+    """
+    straight = train(tmp_path / "straight", False)
+    out = tmp_path / "killed"
+    rename = Path.rename
+
+    def killed_before_the_second_rename(self, target):
+        if self.name == ".checkpoint.tmp" and (self.parent / ".checkpoint.old").exists():
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "rename", killed_before_the_second_rename)
+        with pytest.raises(KeyboardInterrupt):
+            train(out, False)
+    assert not (out / "checkpoint").exists() and (out / ".checkpoint.tmp").exists()
+    step = json.loads((out / ".checkpoint.old" / "trainer_state.json").read_text())["step"]
+    logged = metric_lines(out)
+
+    with pytest.raises(UserError, match="holds a checkpoint of an unfinished run") as refused:
+        train(out, False)
+    assert "\n" not in str(refused.value)
+
+    train(out, True)
+    resumed = metric_lines(out)
+    steps = [json.loads(line)["step"] for line in resumed]
+    assert steps == [json.loads(line)["step"] for line in metric_lines(straight)]
+    assert steps == list(range(1, len(steps) + 1)) and 0 < step < len(logged) < len(steps)
+    # The records up to the checkpoint's step are the killed run's own, time stamps included:
+    # the resumed run went on from that step, not from 0.
+    assert resumed[:step] == logged[:step]
+    a, b = load_file(straight / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    for name in ("checkpoint", ".checkpoint.old", ".checkpoint.tmp"):
+        assert not (out / name).exists(), name
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import write_sft
+from conftest import check_resume_after_kill_between_renames, write_sft
 from safetensors.torch import load_file
 
 from chatrl.chat_format import (
@@ -143,6 +143,19 @@ def test_resume_after_sigkill_ends_where_an_uninterrupted_run_does(micro_model, 
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 40
+
+
+def test_resume_after_a_kill_between_the_checkpoint_renames(micro_model, tmp_path, monkeypatch):
+    data = write_sft(tmp_path / "sft.jsonl", 48)
+
+    def train(out, resume):
+        cfg = LMConfig(
+            model=str(micro_model), data=str(data), out=str(out), max_steps=6, save_steps=2,
+            logging_steps=1, per_device_train_batch_size=4, bf16=False, resume=resume,
+        )  # fmt: skip
+        return train_lm(cfg, "sft")
+
+    check_resume_after_kill_between_renames(train, tmp_path, monkeypatch)
 
 
 def test_config_file_and_flags(micro_model, tmp_path):

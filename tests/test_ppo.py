@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import arithmetic_lines, write_sft
+from conftest import arithmetic_lines, check_resume_after_kill_between_renames, write_sft
 from safetensors.torch import load_file
 
 from chatrl.config import LMConfig, PPOConfig
@@ -409,6 +409,17 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(setup, tmp_path):
     straight, resumed = metrics_of(tmp_path / "straight"), metrics_of(out)
     assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, 9))
     assert [r["kl_coef"] for r in resumed] == [r["kl_coef"] for r in straight]
+
+
+def test_resume_after_a_kill_between_the_checkpoint_renames(setup, tmp_path, monkeypatch):
+    def train(out, resume):
+        cfg = ppo_config(
+            setup, tmp_path, out=str(out), max_steps=6, save_steps=2, adaptive_kl=True,
+            kl_target=0.01, resume=resume,
+        )  # fmt: skip
+        return train_ppo(cfg)
+
+    check_resume_after_kill_between_renames(train, tmp_path, monkeypatch)
 
 
 @pytest.mark.slow

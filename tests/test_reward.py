@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import check_resume_after_kill_between_renames
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from chatrl.config import RMConfig
@@ -399,6 +400,19 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_does(
         json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == sorted(steps) and steps[-1] == 6
+
+
+def test_resume_after_a_kill_between_the_checkpoint_renames(micro_model, tmp_path, monkeypatch):
+    data = write_rankings(tmp_path / "r.jsonl", 24, k=3)
+
+    def train(out, resume):
+        cfg = RMConfig(
+            model=str(micro_model), data=str(data), out=str(out), per_device_train_batch_size=4,
+            save_steps=2, logging_steps=1, learning_rate=1e-3, bf16=False, resume=resume,
+        )  # fmt: skip
+        return train_reward(cfg)
+
+    check_resume_after_kill_between_renames(train, tmp_path, monkeypatch)
 
 
 def test_an_encoder_checkpoint_without_a_chat_template_trains_and_scores(micro_model, tmp_path):

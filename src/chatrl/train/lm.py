@@ -35,7 +35,6 @@ from chatrl.train.loop import (
     check_replicas,
     decide_precision,
     global_batches,
-    has_checkpoint,
     load_checkpoint,
     make_accelerator,
     make_optimizer,
@@ -45,6 +44,7 @@ from chatrl.train.loop import (
     process_micro_batches,
     process_sum,
     progress_bar,
+    refuse_unfinished_run,
     remove_checkpoint,
     save_checkpoint,
     seed_everything,
@@ -154,11 +154,7 @@ def build_model(cfg: LMConfig):
 def train_lm(cfg: LMConfig, kind: str) -> Path:
     """Pretrain (``kind="pretrain"``) or fine-tune (``kind="sft"``) a causal LM; return --out."""
     out = Path(cfg.out)
-    if has_checkpoint(out) and not cfg.resume:
-        raise UserError(
-            f"{out} holds a checkpoint of an unfinished run; pass --resume to continue it, "
-            "or choose another --out"
-        )
+    refuse_unfinished_run(out, cfg.resume)
     cfg = decide_precision(cfg, kind)
     accelerator = make_accelerator(cfg.bf16, cfg.fsdp)
     seed_everything(cfg.seed)

@@ -339,6 +339,15 @@ def has_checkpoint(out: Path) -> bool:
     )
 
 
+def refuse_unfinished_run(out: Path, resume: bool) -> None:
+    """Stop a run that would start over the checkpoint in ``out`` unless it is to resume it."""
+    if has_checkpoint(out) and not resume:
+        raise UserError(
+            f"{out} holds a checkpoint of an unfinished run; pass --resume to continue it, "
+            "or choose another --out"
+        )
+
+
 def remove_checkpoint(out: Path) -> None:
     """Delete the checkpoint once the run's final outputs are written."""
     for name in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old", f".{CHECKPOINT_DIR}.tmp"):

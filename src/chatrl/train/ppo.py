@@ -21,7 +21,6 @@ One update of ``train_ppo``, top to bottom in this module:
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -47,7 +46,6 @@ from chatrl.engine import Completion, Engine, SamplingParams
 from chatrl.errors import UserError
 from chatrl.models import load_causal_lm, load_reward_model, reward_normalisation, save_model
 from chatrl.train.loop import (
-    CHECKPOINT_DIR,
     MetricsLog,
     TrainerState,
     add_lora,
@@ -59,6 +57,8 @@ from chatrl.train.loop import (
     make_optimizer,
     make_scheduler,
     progress_bar,
+    refuse_unfinished_run,
+    remove_checkpoint,
     save_checkpoint,
     seed_everything,
     shard,
@@ -669,11 +669,7 @@ def train_ppo(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> 
     reward-model score (e.g. a gold score, to see reward-model over-optimisation).
     """
     out = Path(cfg.out)
-    if (out / CHECKPOINT_DIR).exists() and not cfg.resume:
-        raise UserError(
-            f"{out} holds a checkpoint of an unfinished run; pass --resume to continue it, "
-            "or choose another --out"
-        )
+    refuse_unfinished_run(out, cfg.resume)
     cfg = decide_precision(cfg, "ppo")
     accelerator = make_accelerator(cfg.bf16)
     if accelerator.distributed_type == DistributedType.FSDP:
@@ -833,6 +829,6 @@ def train_ppo(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_model(unwrapped.policy, tokenizer, out)
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        remove_checkpoint(out)
     accelerator.wait_for_everyone()
     return out

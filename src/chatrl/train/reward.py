@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +63,6 @@ from chatrl.models import (
     save_model,
 )
 from chatrl.train.loop import (
-    CHECKPOINT_DIR,
     MetricsLog,
     TrainerState,
     accumulate,
@@ -80,6 +78,8 @@ from chatrl.train.loop import (
     process_micro_batches,
     process_sum,
     progress_bar,
+    refuse_unfinished_run,
+    remove_checkpoint,
     save_checkpoint,
     seed_everything,
     train_autocast,
@@ -551,11 +551,7 @@ def build_reward_model(cfg: RMConfig):
 def train_reward(cfg: RMConfig) -> Path:
     """Train a reward model on rankings, normalise it, save it to ``cfg.out``; return the path."""
     out = Path(cfg.out)
-    if (out / CHECKPOINT_DIR).exists() and not cfg.resume:
-        raise UserError(
-            f"{out} holds a checkpoint of an unfinished run; pass --resume to continue it, "
-            "or choose another --out"
-        )
+    refuse_unfinished_run(out, cfg.resume)
     cfg = decide_precision(cfg, "rm")
     accelerator = make_accelerator(cfg.bf16, cfg.fsdp)
     seed_everything(cfg.seed)  # the same new head (and adapters) on every process
@@ -683,7 +679,7 @@ def train_reward(cfg: RMConfig) -> Path:
         )
         if held_out:
             print_report(f"held-out {cfg.eval_data}", held_out)
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        remove_checkpoint(out)
     accelerator.wait_for_everyone()
     return out
 
