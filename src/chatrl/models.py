@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -123,27 +121,14 @@ def init_model(
     return out
 
 
-def save_model(model, tokenizer, out: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Save an HF model directory (merging LoRA adapters first) with its tokenizer.
-
-    ``extra`` keys are stored in ``chatrl.json`` beside the config (e.g. reward normalisation).
-    """
+def save_model(model, tokenizer, out: str | Path) -> None:
+    """Save an HF model directory (merging LoRA adapters first) with its tokenizer."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    if extra:
-        from chatrl.data import write_json
-
-        write_json(out / "chatrl.json", extra)
-
-
-def model_info(path: str | Path) -> dict[str, Any]:
-    """What chatrl stored beside a model (``chatrl.json``), or an empty dict."""
-    p = Path(path) / "chatrl.json"
-    return json.loads(p.read_text()) if p.exists() else {}
 
 
 def _check_dir(path: str | Path) -> None:
