@@ -53,8 +53,9 @@ def check_resume_after_kill_between_renames(
 ) -> None:
     """A run killed between save_checkpoint's two renames (its last complete checkpoint is
     ``.checkpoint.old``, the next one is ``.checkpoint.tmp``, there is no ``checkpoint``)
-    refuses to start over without resume, continues from ``.checkpoint.old`` with it, ends where
-    an uninterrupted run does and leaves no checkpoint behind.
+    refuses to start over without resume, continues from ``.checkpoint.old`` with it (keeping it
+    through a second kill at the same point), ends where an uninterrupted run does and leaves no
+    checkpoint behind.
 
     ``train(out, resume)`` runs a trainer that logs every step and checkpoints at least twice.
     """
@@ -78,6 +79,14 @@ def check_resume_after_kill_between_renames(
     with pytest.raises(UserError, match="holds a checkpoint of an unfinished run") as refused:
         train(out, False)
     assert "\n" not in str(refused.value)
+
+    # Killed again at the same point of the resumed run's first save: `.checkpoint.old` is
+    # still its only complete checkpoint, so it must outlive that save.
+    with monkeypatch.context() as m:
+        m.setattr(Path, "rename", killed_before_the_second_rename)
+        with pytest.raises(KeyboardInterrupt):
+            train(out, True)
+    assert json.loads((out / ".checkpoint.old" / "trainer_state.json").read_text())["step"] == step
 
     train(out, True)
     resumed = metric_lines(out)

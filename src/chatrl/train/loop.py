@@ -323,8 +323,11 @@ def save_checkpoint(
         meta = {"step": state.step, "extra": state.extra or {}, "world_size": world_size}
         (tmp / "trainer_state.json").write_text(json.dumps(meta))
         old = out / f".{CHECKPOINT_DIR}.old"
-        shutil.rmtree(old, ignore_errors=True)  # left by a kill during an earlier save
         if final.exists():
+            # An old copy beside a complete one is stale (a kill during an earlier save); with
+            # no complete one it is the only checkpoint (a run resumed from it) and stays
+            # until the new one is in place.
+            shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
