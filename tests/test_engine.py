@@ -349,3 +349,19 @@ def test_compiled_decoding_matches_generate_and_sees_weight_updates(llama):
     after = [c.token_ids for c in engine.generate(prompts, greedy)]
     assert after != before
     assert after == [c.token_ids for c in no_stops(model, tokenizer).generate(prompts, greedy)]
+
+
+def test_one_context_length_for_every_config():
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, LlamaConfig
+
+    from chatrl.models import context_length
+
+    assert context_length(LlamaConfig(max_position_embeddings=300)) == 300
+    assert context_length(GPT2Config(n_positions=200)) == 200
+    no_table = SimpleNamespace()
+    assert context_length(no_table, SimpleNamespace(model_max_length=128)) == 128
+    # transformers' "no limit" placeholder is no limit.
+    assert context_length(no_table, SimpleNamespace(model_max_length=int(1e30))) is None
+    assert context_length(no_table) is None

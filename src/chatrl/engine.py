@@ -44,6 +44,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from chatrl.chat_format import encode_prompt, stop_token_ids
 from chatrl.data import Message
 from chatrl.errors import UserError
+from chatrl.models import context_length
 
 # Compact the batch once this fraction of its rows has finished: dropping rows copies the cache.
 COMPACT_FRACTION = 0.25
@@ -384,10 +385,6 @@ def _decode_and_draw(decode_inputs, temperature, top_k, top_p, uniform):
 _compiled_decode_and_draw = torch.compile(_decode_and_draw)
 
 
-def _context_length(config) -> int | None:
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
 @contextlib.contextmanager
 def _eval_mode(model):
     was_training = model.training
@@ -410,7 +407,7 @@ class _Batch:
         self.num_rows = len(prompts) * params.n
         self.prompt_len = max(len(p) for p in prompts)
         total = self.prompt_len + params.max_new_tokens
-        context = _context_length(engine.config)
+        context = engine.context_length
         if context and total > context:
             raise UserError(
                 f"a prompt of {self.prompt_len} tokens plus max_new_tokens={params.max_new_tokens} "
@@ -611,6 +608,11 @@ class Engine:
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens (prompt plus response) the model takes, where it says."""
+        return context_length(self.config, self.tokenizer)
 
     @property
     def device(self) -> torch.device:

@@ -177,5 +177,19 @@ def reward_normalisation(config) -> tuple[float, float]:
     return float(getattr(config, REWARD_MEAN, 0.0)), float(getattr(config, REWARD_STD, 1.0))
 
 
+def context_length(config, tokenizer=None) -> int | None:
+    """The most tokens (prompt plus response) a model takes: its position table
+    (``max_position_embeddings``, GPT-2's ``n_positions``), else the tokenizer's limit when it
+    sets a real one; None when neither says. The engine, the server and the reward model all
+    read it here."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None
+    )
+    if positions:
+        return positions
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if limit and limit < 1_000_000 else None
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())

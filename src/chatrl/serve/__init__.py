@@ -24,8 +24,3 @@ def load_engine(
     model, tokenizer = load_causal_lm(model_dir, dtype)
     encode_prompt(tokenizer, [{"role": "user", "content": "hi"}])  # no chat template: say so now
     return Engine(model.eval(), tokenizer)
-
-
-def context_length(engine: Engine) -> int | None:
-    """The most tokens (prompt plus reply) the engine's model takes, when its config says."""
-    return getattr(engine.config, "max_position_embeddings", None)

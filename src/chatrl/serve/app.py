@@ -31,7 +31,6 @@ from chatrl.chat_format import encode_prompt
 from chatrl.data import Message
 from chatrl.engine import Completion, Engine, SamplingParams
 from chatrl.errors import UserError
-from chatrl.serve import context_length
 from chatrl.serve.worker import Busy, GenerationWorker, Job
 
 STATIC = Path(__file__).parent / "static"
@@ -258,7 +257,7 @@ def _sse(data: dict[str, Any] | str) -> str:
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     """The server's FastAPI app around ``engine``; its worker thread runs while the app does."""
     worker = GenerationWorker(engine, settings.max_queue)
-    context = context_length(engine)
+    context = engine.context_length
     started = int(time.time())
 
     @contextlib.asynccontextmanager

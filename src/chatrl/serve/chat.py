@@ -17,7 +17,6 @@ from pathlib import Path
 from chatrl.chat_format import encode_prompt
 from chatrl.data import Message, write_jsonl
 from chatrl.engine import Completion, Engine, SamplingParams
-from chatrl.serve import context_length
 
 HELP = """\
 /reset        start a new conversation (the system message stays)
@@ -94,7 +93,7 @@ class TerminalChat:
         """Stream the model's reply to ``text``; Ctrl-C stops it."""
         self.turns.append({"role": "user", "content": text})
         prompt = encode_prompt(self.engine.tokenizer, self.messages)
-        context = context_length(self.engine)
+        context = self.engine.context_length
         room = self.params.max_new_tokens if context is None else context - len(prompt)
         if room < 1:
             self.turns.pop()

@@ -57,6 +57,7 @@ from chatrl.errors import UserError
 from chatrl.models import (
     REWARD_MEAN,
     REWARD_STD,
+    context_length,
     load_causal_lm,
     load_reward_model,
     reward_normalisation,
@@ -153,15 +154,6 @@ def fit_to_length(encoded: list[Encoded], max_length: int | None) -> list[list[i
     if any(cut >= e.prompt_end - e.prompt_start for e in encoded):
         return None
     return [e.ids[: e.prompt_start] + e.ids[e.prompt_start + cut :] for e in encoded]
-
-
-def context_length(model, tokenizer) -> int | None:
-    """The most tokens the model takes: its position table, else the tokenizer's limit."""
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions:
-        return positions
-    limit = getattr(tokenizer, "model_max_length", None)
-    return limit if limit and limit < 1_000_000 else None
 
 
 @dataclass
@@ -537,7 +529,7 @@ def prepare_model(path: str):
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-    return model, tokenizer, context_length(model, tokenizer)
+    return model, tokenizer, context_length(model.config, tokenizer)
 
 
 def build_reward_model(cfg: RMConfig):
