@@ -9,9 +9,9 @@ per-step overhead is a large part of the cost:
   ``max_new_tokens`` (never the model's context), and written in place (``KVCache``);
 - prompts are left-padded; the attention mask is one additive tensor per batch, of which each
   step passes a view, so the model never builds masks itself;
-- Llama, Mistral and Qwen2 models decode through ``_llama_decode``, which calls the model's own
-  modules without the generic forward's per-call machinery, with q/k/v and gate/up fused and the
-  weights in the layout the CPU multiplies fastest (``_Projection``); other models go through
+- Llama, Mistral and Qwen2 models decode through ``llama_decode.py``, which calls the model's
+  own modules without the generic forward's per-call machinery, with q/k/v and gate/up fused and
+  the weights in the layout the CPU multiplies fastest; other models go through
   their forward with the same cache and mask;
 - ``Engine(compile=True)`` compiles a whole decode step, model and sampling, with torch.compile
   (``bench/generate.py``: about 2.5x ``generate()`` at batch 16, against 1.7x uncompiled);
@@ -32,18 +32,17 @@ purpose, so that another backend (vLLM on a GPU) can stand behind it.
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from chatrl.chat_format import encode_prompt, stop_token_ids
 from chatrl.data import Message
 from chatrl.errors import UserError
+from chatrl.llama_decode import LLAMA_LIKE, elementwise_attend, fuse, llama_decode
 from chatrl.models import context_length
 
 # Compact the batch once this fraction of its rows has finished: dropping rows copies the cache.
@@ -154,7 +153,7 @@ class KVCache(Cache):
     """A transformers ``Cache`` of preallocated layers ``[batch, kv_heads, max_len, head_dim]``.
 
     The model's forward fills it through ``update``; Llama-like decode steps write their slot
-    in place themselves (``_llama_decode``), so ``length`` counts only the prefill for them.
+    in place themselves (``llama_decode``), so ``length`` counts only the prefill for them.
     """
 
     def __init__(self, num_layers: int, batch_size: int, max_len: int):
@@ -233,148 +232,8 @@ def _draw(logits, temperature: float, top_k: int, top_p: float, uniform):
     return tokens[:, 0], logp.gather(-1, tokens)[:, 0], model_logp.gather(-1, tokens)[:, 0]
 
 
-# Architectures whose decoder layer is Llama's (pre-norm, rotary, q/k/v/o projections, gated
-# MLP): their decode steps skip the generic forward's per-call machinery (``_llama_decode``).
-LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
-
-@dataclass
-class _Projection:
-    """A linear layer's weights in the layout its decode-step matrix product is fastest with.
-
-    On a CPU in float32, MKL multiplies a few rows by a ``[in, out]`` matrix up to twice as fast
-    as by the ``[out, in]`` one ``nn.Linear`` stores (bench model, 16 rows: 37 vs 72 us for
-    q/k/v, 0.49 vs 0.81 ms for the head); in bfloat16 and on GPUs the layouts are even.
-    """
-
-    weight: torch.Tensor  # [in, out] when transposed, else [out, in]
-    bias: torch.Tensor | None
-    transposed: bool
-
-    @classmethod
-    def of(cls, *linears: torch.nn.Linear) -> _Projection:
-        """The linears' weights side by side (one product for several projections)."""
-        weight = torch.cat([lin.weight for lin in linears])
-        bias = None
-        if any(lin.bias is not None for lin in linears):
-            zeros = weight.new_zeros
-            bias = torch.cat(
-                [zeros(len(lin.weight)) if lin.bias is None else lin.bias for lin in linears]
-            )
-        transposed = weight.dtype == torch.float32 and weight.device.type == "cpu"
-        return cls(weight.t().contiguous() if transposed else weight, bias, transposed)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.transposed:
-            return F.linear(x, self.weight, self.bias)
-        return x @ self.weight if self.bias is None else x @ self.weight + self.bias
-
-
-@dataclass
-class _FusedLayer:
-    """One decoder layer's projections, q, k and v in one matrix and gate and up in another,
-    so that a decode step runs four matrix products where it ran seven."""
-
-    qkv: _Projection
-    qkv_sizes: list[int]
-    o: _Projection
-    gate_up: _Projection
-    down: _Projection
-
-
-@dataclass
-class _Fused:
-    layers: list[_FusedLayer]
-    head: _Projection
-
-
-@torch.inference_mode()
-def _fuse(lm) -> _Fused | None:
-    """The fused projections of a Llama-like model, built from its current weights (once per
-    batch: training between two calls changes them). None when a projection is not a plain
-    ``nn.Linear`` (LoRA adapters, quantised layers): those decode unfused."""
-    layers = []
-    for layer in lm.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj)
-        if any(type(p) is not torch.nn.Linear for p in (*projections, mlp.up_proj, mlp.down_proj)):
-            return None
-        sizes = [len(attn.q_proj.weight), len(attn.k_proj.weight), len(attn.v_proj.weight)]
-        layers.append(
-            _FusedLayer(
-                qkv=_Projection.of(attn.q_proj, attn.k_proj, attn.v_proj),
-                qkv_sizes=sizes,
-                o=_Projection.of(attn.o_proj),
-                gate_up=_Projection.of(mlp.gate_proj, mlp.up_proj),
-                down=_Projection.of(mlp.down_proj),
-            )
-        )
-    if type(lm.lm_head) is not torch.nn.Linear:
-        return None
-    return _Fused(layers, _Projection.of(lm.lm_head))
-
-
-def _sdpa_attend(q, keys, values, mask, scale) -> torch.Tensor:
-    """Attention of one query per row: [rows, heads, 1, dim] over [rows, kv_heads, slots, dim]."""
-    gqa = keys.shape[1] != q.shape[1]
-    return F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa
-    )
-
-
-def _elementwise_attend(q, keys, values, mask, scale) -> torch.Tensor:
-    """``_sdpa_attend`` as products and sums, which torch.compile fuses into two loops; CPU
-    flash attention costs several times more for one query (bench model: 0.26 ms a layer)."""
-    rows, heads, _, dim = q.shape
-    q = q.view(rows, keys.shape[1], -1, 1, dim)  # kv heads, the query heads that share them
-    scores = (q * keys[:, :, None]).sum(-1) * scale + mask[:, :, None, 0]
-    weights = scores.softmax(-1)[..., None]
-    return (weights * values[:, :, None]).sum(-2).view(rows, heads, 1, dim)
-
-
-def _llama_decode(
-    lm, input_ids, mask, position_ids, fused, keys, values, slot, attend=_sdpa_attend
-) -> torch.Tensor:
-    """One decode step of a Llama-like model: the model's own modules in the order its forward
-    calls them, minus the mask construction, output capturing and keyword plumbing that cost as
-    much as the arithmetic for small models; with ``fused`` projections (``_fuse``), four matrix
-    products per layer instead of seven, in the faster layout. The step's keys and values are
-    written at ``slot`` (a one-element index tensor) of the preallocated ``keys``/``values``, and
-    attention reads as many slots as ``mask`` [rows, 1, 1, slots] covers (``attend``). Returns
-    the last position's logits."""
-    inner = lm.model
-    hidden = inner.embed_tokens(input_ids)
-    cos, sin = inner.rotary_emb(hidden, position_ids)
-    rows, slots = hidden.shape[0], mask.shape[-1]
-    for i, layer in enumerate(inner.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        apply_rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        x = layer.input_layernorm(hidden)
-        if fused:
-            q, k, v = fused.layers[i].qkv(x).split(fused.layers[i].qkv_sizes, -1)
-        else:
-            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        q = q.view(rows, 1, -1, attn.head_dim).transpose(1, 2)
-        k = k.view(rows, 1, -1, attn.head_dim).transpose(1, 2)
-        v = v.view(rows, 1, -1, attn.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, k, cos, sin)
-        keys[i].index_copy_(2, slot, k)
-        values[i].index_copy_(2, slot, v)
-        out = attend(q, keys[i][:, :, :slots], values[i][:, :, :slots], mask, attn.scaling)
-        out = out.transpose(1, 2).reshape(rows, 1, -1)
-        hidden = hidden + (fused.layers[i].o(out) if fused else attn.o_proj(out))
-        x = layer.post_attention_layernorm(hidden)
-        if fused:
-            gate, up = fused.layers[i].gate_up(x).chunk(2, -1)
-            hidden = hidden + fused.layers[i].down(mlp.act_fn(gate) * up)
-        else:
-            hidden = hidden + mlp(x)
-    x = inner.norm(hidden[:, -1])
-    return fused.head(x) if fused else lm.lm_head(x)
-
-
 def _decode_and_draw(decode_inputs, temperature, top_k, top_p, uniform):
-    logits = _llama_decode(*decode_inputs, attend=_elementwise_attend)
+    logits = llama_decode(*decode_inputs, attend=elementwise_attend)
     return _draw(logits, temperature, top_k, top_p, uniform)
 
 
@@ -444,7 +303,7 @@ class _Batch:
         self.model_logprobs = torch.zeros(self.num_rows, params.max_new_tokens)
         self.finish_reasons: list[str | None] = [None] * self.num_rows
         self.cut_texts: dict[int, str] = {}
-        self.fused = _fuse(engine.base_model) if engine.llama_like else None
+        self.fused = fuse(engine.base_model) if engine.llama_like else None
         self.compiled = engine.compile and self.fused is not None
 
     @property
@@ -496,7 +355,7 @@ class _Batch:
         # One query per row: the math kernel is several times faster than CPU flash attention
         # here (bench model, batch 16: 0.23 ms of a 13 ms step per layer).
         with sdpa_kernel([SDPBackend.MATH]):
-            return _llama_decode(*self._decode_inputs(slot, mask))
+            return llama_decode(*self._decode_inputs(slot, mask))
 
     def _decode_inputs(self, slot: int, mask: torch.Tensor) -> tuple:
         layers = self.cache.layers
