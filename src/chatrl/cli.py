@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from chatrl.config import BF16_HELP
 from chatrl.errors import UserError
 from chatrl.label.commands import DEFAULT_DB as DEFAULT_LABEL_DB
 from chatrl.label.commands import DbOpt as LabelDbOpt
@@ -50,14 +51,7 @@ def _precision(value: str):
         raise typer.BadParameter(str(e)) from None
 
 
-Bf16Opt = Annotated[
-    str,
-    typer.Option(
-        callback=_precision,
-        help="bf16: auto (where the hardware runs it natively: a GPU, or a CPU with AVX-512 "
-        "BF16 or AMX; elsewhere it is emulated and many times slower), true or false.",
-    ),
-]
+Bf16Opt = Annotated[str, typer.Option(callback=_precision, help=BF16_HELP)]
 
 
 def _stage_help(summary: str, cls) -> str:
