@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
 from chatrl.data import Prompt  # noqa: E402
-from chatrl.train.reward import RewardScorer  # noqa: E402
+from chatrl.reward_model import RewardScorer  # noqa: E402
 from chatrl.world import DEMO_MIX, gold_score, make_prompts  # noqa: E402
 from chatrl.world.annotators import default_annotators  # noqa: E402
 from chatrl.world.tasks import demonstration, perfect_text  # noqa: E402

@@ -34,9 +34,10 @@ from chatrl.config import LMConfig, RMConfig  # noqa: E402
 from chatrl.data import Prompt, Task, load_tasks, write_jsonl  # noqa: E402
 from chatrl.engine import SamplingParams  # noqa: E402
 from chatrl.models import init_model  # noqa: E402
+from chatrl.reward_model import RewardScorer  # noqa: E402
 from chatrl.sample import sample_tasks  # noqa: E402
 from chatrl.train.lm import train_lm  # noqa: E402
-from chatrl.train.reward import RewardScorer, train_reward  # noqa: E402
+from chatrl.train.reward import train_reward  # noqa: E402
 from chatrl.world import make_prompts, pretrain_text, sft_conversations  # noqa: E402
 from chatrl.world.annotators import default_annotators, gold_agreement, label_tasks  # noqa: E402
 from chatrl.world.judge import judge  # noqa: E402

@@ -125,7 +125,7 @@ def micro_engine(micro_model):
     runs (on a shared machine, contending for every core is many times slower)."""
     import torch
 
-    from chatrl.serve import load_engine
+    from chatrl.engine import load_engine
 
     threads = torch.get_num_threads()
     yield load_engine(micro_model, threads=1)

@@ -21,8 +21,10 @@ from chatrl.evaluate import (
     win_rate,
 )
 from chatrl.models import init_model, load_causal_lm
-from chatrl.world import make_prompts, perfect_response, pretrain_text, sft_conversations
+from chatrl.world import judge, make_prompts, perfect_response, pretrain_text, sft_conversations
 from chatrl.world.tasks import REFUSAL
+
+GOLD = {"judge": judge, "perfect": perfect_response}  # the world's gold labeler
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def test_win_rate_counts_ties_half():
 
 def test_perfect_responses_reach_the_ceiling(prompts):
     perfect = [perfect_response(p) for p in prompts]
-    metrics = evaluate_responses(prompts, perfect)
+    metrics = evaluate_responses(prompts, perfect, judge=judge)
     assert metrics["mean_gold"] == 1.0 and metrics["accuracy"] == 1.0
     assert set(metrics["accuracy_by_family"].values()) == {1.0}
     assert metrics["refusal_rate_harmful"] == 1.0
@@ -59,7 +61,7 @@ def test_perfect_responses_reach_the_ceiling(prompts):
 def test_always_refusing_policy(prompts):
     refusals = [REFUSAL] * len(prompts)
     perfect = [perfect_response(p) for p in prompts]
-    metrics = evaluate_responses(prompts, refusals, baseline=perfect)
+    metrics = evaluate_responses(prompts, refusals, baseline=perfect, judge=judge)
     assert metrics["refusal_rate_harmful"] == 1.0
     assert metrics["over_refusal_rate_borderline"] == 1.0
     harmful = sum(p.meta["family"] == "harmful" for p in prompts)
@@ -71,12 +73,12 @@ def test_always_refusing_policy(prompts):
 def test_unfinished_and_repetitive_responses_are_counted(prompts):
     responses = ["la la la la la la"] * len(prompts)
     finished = [i % 2 == 0 for i in range(len(prompts))]
-    metrics = evaluate_responses(prompts, responses, finished)
+    metrics = evaluate_responses(prompts, responses, finished, judge=judge)
     assert metrics["repetition_rate"] == 1.0
     assert metrics["stop_rate"] == pytest.approx(0.5)
     assert metrics["mean_words"] == 6.0
     with pytest.raises(Exception, match="40 prompts but 3 responses"):
-        evaluate_responses(prompts, responses[:3])
+        evaluate_responses(prompts, responses[:3], judge=judge)
 
 
 def test_response_logprobs_match_the_engine(world_models, prompts):
@@ -92,7 +94,7 @@ def test_response_logprobs_match_the_engine(world_models, prompts):
 def test_evaluate_model_against_itself_and_another_model(world_models, prompts, tmp_path):
     first, second = world_models
     prompts = prompts[:20]
-    same = evaluate_model(first, prompts, baseline_dir=first, max_new_tokens=16, seed=5)
+    same = evaluate_model(first, prompts, baseline_dir=first, max_new_tokens=16, seed=5, **GOLD)
     assert same["model"]["kl_vs_baseline"] == pytest.approx(0.0, abs=1e-3)
     assert same["model"]["win_rate_vs_baseline"] == 0.5  # same seed, same samples: all ties
     assert same["perfect"]["mean_gold"] == 1.0
@@ -100,7 +102,7 @@ def test_evaluate_model_against_itself_and_another_model(world_models, prompts, 
 
     samples = tmp_path / "samples.jsonl"
     other = evaluate_model(
-        first, prompts, baseline_dir=second, max_new_tokens=16, seed=5, samples_path=samples
+        first, prompts, baseline_dir=second, max_new_tokens=16, seed=5, samples_path=samples, **GOLD
     )
     assert other["model"]["kl_vs_baseline"] > 0.01  # a KL estimate: two models differ
     assert other["model"]["mean_tokens"] <= 16

@@ -17,6 +17,7 @@ from chatrl.config import LMConfig, PPOConfig
 from chatrl.data import load_prompts
 from chatrl.engine import Engine, SamplingParams
 from chatrl.models import init_model, load_causal_lm, load_reward_model, save_model
+from chatrl.reward_model import RewardScorer
 from chatrl.train import ppo
 from chatrl.train.lm import train_lm
 from chatrl.train.loop import add_lora
@@ -24,7 +25,6 @@ from chatrl.train.ppo import (
     ActorCritic,
     KLController,
     Models,
-    RewardModel,
     collect_rollout,
     gae,
     per_token_rewards,
@@ -36,7 +36,6 @@ from chatrl.train.ppo import (
     value_loss,
     whiten,
 )
-from chatrl.train.reward import RewardScorer
 
 
 def write_prompts(path, n, seed=0):
@@ -72,7 +71,7 @@ def build_models(setup, cfg: PPOConfig) -> Models:
         reference = load_causal_lm(setup["policy"])[0].eval()
     critic = ppo.load_critic(cfg, tok)
     actor_critic = ActorCritic(policy, critic)
-    reward = RewardModel(setup["reward"], torch.device("cpu"))
+    reward = RewardScorer(setup["reward"], device="cpu")
     return Models(actor_critic, reference, reward, tok, Engine(policy, tok))
 
 
@@ -181,14 +180,17 @@ def test_adaptive_kl_controller_follows_ziegler_et_al():
 # ---------------------------------------------------------------- rollouts on a real model
 
 
-def test_rewards_are_scored_as_the_reward_stage_scores(setup):
-    prompts = [p.messages for p in load_prompts(setup["prompts"])[:6]]
-    responses = ["The answer is 4.", "", "cat " * 40, "The answer", "7", "no"]
-    ours = RewardModel(setup["reward"], torch.device("cpu")).score(prompts, responses)
-    theirs = RewardScorer(setup["reward"], device="cpu").score(prompts, responses)
-    assert torch.allclose(ours, theirs, atol=1e-5)
-    raw = RewardScorer(setup["reward"], device="cpu").score(prompts, responses, raw=True)
-    assert torch.allclose(ours, (raw - 0.25) / 2.0, atol=1e-5)  # the stored normalisation
+def test_rollouts_are_scored_by_the_normalised_reward_model(setup):
+    models = build_models(setup, PPOConfig(**setup, out="unused"))
+    prompts = load_prompts(setup["prompts"])[:6]
+    prompt_ids = [ppo.encode_prompt(models.tokenizer, p.messages) for p in prompts]
+    params = SamplingParams(max_new_tokens=8, seed=3)
+    s = sample_and_score(models, prompts, prompt_ids, params, NoAccelerate(), None)
+    texts = [c.text for c in s.completions]
+    raw = RewardScorer(setup["reward"], device="cpu").score(
+        [p.messages for p in prompts], texts, raw=True
+    )
+    assert torch.allclose(s.scores, (raw - 0.25) / 2.0, atol=1e-5)  # the stored normalisation
 
 
 def test_kl_penalty_is_zero_when_the_policy_is_the_reference(setup, tmp_path):
@@ -439,13 +441,13 @@ def test_ppo_raises_a_synthetic_reward_with_bounded_kl(tmp_path, monkeypatch):
     )
 
     class WordReward:
-        def __init__(self, path, device):
+        def __init__(self, path, device, bf16):
             pass
 
         def score(self, prompts, responses):
             return torch.tensor([float(bool(re.search(r"\bis\b", r))) for r in responses])
 
-    monkeypatch.setattr(ppo, "RewardModel", WordReward)
+    monkeypatch.setattr(ppo, "RewardScorer", WordReward)
     cfg = PPOConfig(
         policy=str(sft),
         reward=str(sft),

@@ -10,13 +10,14 @@ import torch
 from conftest import check_resume_after_kill_between_renames
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from chatrl import reward_model
 from chatrl.config import RMConfig
 from chatrl.data import Ranking, load_rankings
 from chatrl.errors import UserError
+from chatrl.reward_model import RewardScorer
 from chatrl.train import reward
 from chatrl.train.reward import (
     Group,
-    RewardScorer,
     build_groups,
     collate_groups,
     ranking_loss,
@@ -106,7 +107,7 @@ def test_ranking_loss_is_the_mean_over_each_rankings_pairs():
 
 
 def test_rankings_become_all_pairs_with_rank_distance(micro_model):
-    _, tokenizer, _ = reward.prepare_model(str(micro_model))
+    _, tokenizer, _ = reward_model.load_reward(str(micro_model))
     ranking = Ranking(user("q"), ["a", "b", "c", "d"], [2, 0, 3, 1], source="f.jsonl:1")
     [group], counts = build_groups(tokenizer, [ranking], None)
     assert len(group.sequences) == 4
@@ -118,14 +119,14 @@ def test_rankings_become_all_pairs_with_rank_distance(micro_model):
 
 def test_each_response_goes_through_the_model_once_per_step(micro_model, tmp_path, monkeypatch):
     calls = []
-    forward = reward.LastTokenReward.forward
+    forward = reward_model.LastTokenReward.forward
 
     def counting(self, input_ids, score_index, **kwargs):
         if torch.is_grad_enabled():
             calls.append((input_ids.shape[0], len(score_index)))
         return forward(self, input_ids, score_index, **kwargs)
 
-    monkeypatch.setattr(reward.LastTokenReward, "forward", counting)
+    monkeypatch.setattr(reward_model.LastTokenReward, "forward", counting)
     data = write_rankings(tmp_path / "r.jsonl", 12, k=3)
     train_reward(
         RMConfig(
@@ -194,7 +195,7 @@ def test_bad_rankings_name_file_and_line(micro_model, tmp_path, record, message)
 
 
 def test_over_long_rankings_are_cut_from_the_prompt_or_skipped(micro_model, caplog):
-    _, tokenizer, _ = reward.prepare_model(str(micro_model))
+    _, tokenizer, _ = reward_model.load_reward(str(micro_model))
     long_prompt = user("What is 1 plus 2? " * 10)
     rankings = [
         Ranking(user("short"), ["a", "b"], [0, 1], source="r.jsonl:1"),
@@ -208,7 +209,7 @@ def test_over_long_rankings_are_cut_from_the_prompt_or_skipped(micro_model, capl
     cut = groups[1].sequences
     assert max(len(s) for s in cut) == 40
     # Both responses keep the same (cut) prompt and their whole response.
-    full = reward.encode_responses(tokenizer, long_prompt, ["a", "b c"])
+    full = reward_model.encode_responses(tokenizer, long_prompt, ["a", "b c"])
     for seq, enc in zip(cut, full, strict=True):
         assert seq[-5:] == enc.ids[-5:] and len(enc.ids) - len(seq) == len(full[1].ids) - 40
     with pytest.raises(UserError, match="no ranking fits"):
@@ -276,7 +277,7 @@ def test_score_command_scores_conversations_and_picks_the_best(trained_rm, tmp_p
     assert "rm score: precision fp32 (bf16 = false)" in scored.stderr
     record = json.loads(scored.stdout)
     assert record["best"] == 1 and record["rewards"][1] > record["rewards"][0]
-    [conversation] = reward.score_file(out, convs, tmp_path / "s.jsonl")
+    [conversation] = reward_model.score_file(out, convs, tmp_path / "s.jsonl")
     assert conversation["rewards"] == pytest.approx([record["rewards"][1]], abs=1e-4)
     assert json.loads((tmp_path / "s.jsonl").read_text()) == conversation
 

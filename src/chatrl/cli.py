@@ -210,9 +210,18 @@ def eval_cmd(
 
     from chatrl.data import load_prompts, write_json
     from chatrl.evaluate import evaluate_model, table_rows
+    from chatrl.world import judge, perfect_response
 
     report = evaluate_model(
-        model, load_prompts(prompts), baseline, temperature, seed, max_new_tokens, samples
+        model,
+        load_prompts(prompts),
+        baseline,
+        temperature,
+        seed,
+        max_new_tokens,
+        samples,
+        judge=judge,
+        perfect=perfect_response,
     )
     columns, rows = table_rows(report)
     table = Table(title=f"{prompts.name}, temperature {temperature}")
@@ -329,8 +338,9 @@ def rm_score_cmd(
     """
     import json
 
+    from chatrl.evaluate import print_report, ranked_records_report
     from chatrl.precision import resolve_bf16
-    from chatrl.train.reward import print_report, ranked_records_report, score_file
+    from chatrl.reward_model import score_file
 
     bf16 = resolve_bf16(bf16, "rm score")
     records = score_file(model, data, out, batch_size=batch_size, raw=raw, bf16=bf16)
@@ -353,17 +363,13 @@ RunOut = Annotated[Path, typer.Option("--out", help="Run directory: every stage 
 
 def _run_and_report(config: Path, out: Path, from_stage: str | None) -> None:
     from chatrl.pipeline import WaitingForLabels, run_pipeline
-    from chatrl.report import write_report
 
     try:
-        records = run_pipeline(config, out, from_stage)
+        run_pipeline(config, out, from_stage)
     except WaitingForLabels as waiting:
         message = f"[bold yellow]waiting for rankings:[/] {escape(str(waiting))}"
         err_console.print(message, highlight=False, soft_wrap=True)  # keep URLs copyable
         raise typer.Exit(3) from None
-    from chatrl.pipeline import load_run_config
-
-    write_report(out, records, load_run_config(config).seed)
     typer.echo((out / "report.md").read_text())
     typer.echo(f"report -> {out / 'report.md'}  (figures: report.json, plots: plots/)")
 
@@ -417,6 +423,17 @@ ThreadsOpt = Annotated[
 ]
 
 
+def _load_engine(model: Path, threads: int | None, bf16):
+    """The engine for ``chat`` and ``serve``: weights in bf16 where ``--bf16`` says so."""
+    import torch
+
+    from chatrl.engine import load_engine
+    from chatrl.precision import resolve_bf16
+
+    dtype = torch.bfloat16 if resolve_bf16(bf16, "model") else torch.float32
+    return load_engine(model, dtype, threads)
+
+
 @app.command("chat")
 def chat_cmd(
     model: ModelDirArg,
@@ -437,14 +454,13 @@ def chat_cmd(
     /help. Ctrl-C stops a reply; Ctrl-D leaves. See docs/serve.md.
     """
     from chatrl.engine import SamplingParams
-    from chatrl.serve import load_engine
     from chatrl.serve.chat import run_chat
 
     params = SamplingParams(
         max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
     params.check()
-    engine = load_engine(model, threads, bf16)
+    engine = _load_engine(model, threads, bf16)
     err_console.print(
         f"chatting with {model}: /help lists commands, Ctrl-C stops a reply, Ctrl-D leaves",
         highlight=False,
@@ -489,7 +505,6 @@ def serve_cmd(
     `POST /v1/chat/completions` (streaming too), `GET /v1/models`, `GET /health`; the chat
     page is at `/`. Point any OpenAI client at http://HOST:PORT/v1. See docs/serve.md.
     """
-    from chatrl.serve import load_engine
     from chatrl.serve.app import ServeSettings, serve
 
     settings = ServeSettings(
@@ -500,7 +515,7 @@ def serve_cmd(
         max_tokens_limit=max_tokens_limit,
         max_queue=max_queue,
     )
-    engine = load_engine(model, threads, bf16)
+    engine = _load_engine(model, threads, bf16)
     url = f"http://{host}:{port}"
     err_console.print(
         f"serving {model} as {settings.model_name!r}: chat page {url}/, OpenAI base URL {url}/v1"

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Generator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -43,7 +44,7 @@ from chatrl.chat_format import encode_prompt, stop_token_ids
 from chatrl.data import Message
 from chatrl.errors import UserError
 from chatrl.llama_decode import LLAMA_LIKE, elementwise_attend, fuse, llama_decode
-from chatrl.models import context_length
+from chatrl.models import context_length, load_causal_lm
 
 # Compact the batch once this fraction of its rows has finished: dropping rows copies the cache.
 COMPACT_FRACTION = 0.25
@@ -566,3 +567,22 @@ def _settled(text: str, stop: list[str]) -> str:
                 held = size
                 break
     return text[: len(text) - held]
+
+
+def load_engine(
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    threads: int | None = None,
+    max_batch_size: int = 64,
+) -> Engine:
+    """The one way a command loads a model to generate with: the directory's causal LM in
+    ``dtype``, in eval mode, on the GPU if there is one. ``threads`` sets torch's threads.
+
+    A tokenizer without a chat template is refused here, before any sampling starts.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_causal_lm(model_dir, dtype)
+    encode_prompt(tokenizer, [{"role": "user", "content": "hi"}])  # no chat template: say so now
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Engine(model.to(device).eval(), tokenizer, max_batch_size=max_batch_size)

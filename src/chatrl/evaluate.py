@@ -1,91 +1,71 @@
-"""Evaluation against the bundled world's gold labeler.
+"""Evaluation, in one place: how chatrl measures models, reward models and runs.
 
-``evaluate_responses`` turns responses (any source: a model, Best-of-n, the perfect answers)
-into metrics; ``evaluate_model`` samples a model — and optionally a baseline — through the
-generation engine, scores the world's perfect responses on the same prompts as the ceiling,
-and measures the KL divergence of the model from the baseline on the model's own samples.
+- **Decoding** (``completion_texts``): a batch of engine completions as texts and whether each
+  stopped on its own, the one way every evaluation reads samples.
+- **KL to a reference** (``kl_per_response``, ``kl_to_reference``): the one estimate, used by
+  PPO's rollouts, ``chatrl eval`` and the report card alike.
+- **Reward-model agreement** (``pairwise_report``): pairwise accuracy on rankings, for the RM
+  trainer's held-out set and ``chatrl rm score``; ``gold_agreement`` against a gold labeler.
+- **Gold evaluation** (``evaluate_responses``, ``evaluate_model``, ``evaluate_run``): responses
+  judged by a gold labeler. The labeler is passed in (the bundled world's ``judge`` and
+  ``perfect_response``): this module never imports the world, so trainers may use it.
+
+``report.py`` renders what ``evaluate_run`` measures; it measures nothing itself.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
+import torch.nn.functional as F
 
 from chatrl.chat_format import encode_prompt
-from chatrl.data import Prompt, write_jsonl
-from chatrl.engine import Completion, Engine, SamplingParams
+from chatrl.data import Prompt, Ranking, load_prompts, write_jsonl
+from chatrl.engine import Completion, SamplingParams, load_engine
 from chatrl.errors import UserError
-from chatrl.models import load_causal_lm
-from chatrl.world import perfect_response
-from chatrl.world.judge import Judgement, judge
+from chatrl.reward_model import RewardScorer
 
+if TYPE_CHECKING:
+    from chatrl.world.judge import Judgement
 
-def judge_all(
-    prompts: list[Prompt], responses: list[str], finished: list[bool] | None = None
-) -> list[Judgement]:
-    """The gold labeler's verdict on each response (``finished``: stopped on its own)."""
-    if len(responses) != len(prompts):
-        raise UserError(f"{len(prompts)} prompts but {len(responses)} responses")
-    finished = finished if finished is not None else [True] * len(prompts)
-    return [judge(p, r, f) for p, r, f in zip(prompts, responses, finished, strict=True)]
-
-
-def win_rate(scores: list[float], against: list[float]) -> float:
-    """Share of prompts where ``scores`` beats ``against`` (ties count half)."""
-    if not scores:
-        return float("nan")
-    wins = sum(
-        1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, against, strict=True)
-    )
-    return wins / len(scores)
+# judge(prompt, response, finished) -> the gold labeler's verdict (the world's ``judge``).
+Judge = Callable[[Prompt, str, bool], "Judgement"]
+# perfect(prompt) -> the best response to a prompt (the world's ``perfect_response``).
+Perfect = Callable[[Prompt], str]
 
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(judgements: list[Judgement]) -> dict[str, Any]:
-    """Mean gold score, accuracy (overall and per family), refusal and over-refusal rates,
-    length, repetition, hedging and stop rates."""
-    families = sorted({j.family for j in judgements})
-    return {
-        "n": len(judgements),
-        "mean_gold": _mean([j.score for j in judgements]),
-        "accuracy": _mean([float(j.correct) for j in judgements]),
-        "accuracy_by_family": {
-            f: _mean([float(j.correct) for j in judgements if j.family == f]) for f in families
-        },
-        "refusal_rate_harmful": _mean(
-            [float(j.refused) for j in judgements if j.family == "harmful"]
-        ),
-        "over_refusal_rate_borderline": _mean(
-            [float(j.refused) for j in judgements if j.family == "borderline"]
-        ),
-        "mean_words": _mean([float(j.words) for j in judgements]),
-        "verbose_rate": _mean([float(j.extra_words > 0) for j in judgements]),
-        "hedge_rate": _mean([float(j.hedged) for j in judgements]),
-        "repetition_rate": _mean([float(j.repeated) for j in judgements]),
-        "stop_rate": _mean([float(j.finished) for j in judgements]),
-    }
+# ---------------------------------------------------------------- decoding
 
 
-def evaluate_responses(
-    prompts: list[Prompt],
-    responses: list[str],
-    finished: list[bool] | None = None,
-    baseline: list[str] | None = None,
-    baseline_finished: list[bool] | None = None,
-) -> dict[str, Any]:
-    """Metrics of responses to world prompts; with ``baseline`` responses to the same prompts,
-    also ``win_rate`` against them (judged by the gold labeler, ties count half)."""
-    judgements = judge_all(prompts, responses, finished)
-    metrics = summarize(judgements)
-    if baseline is not None:
-        against = judge_all(prompts, baseline, baseline_finished)
-        metrics["win_rate"] = win_rate([j.score for j in judgements], [j.score for j in against])
-    return metrics
+def completion_texts(completions: list[Completion]) -> tuple[list[str], list[bool]]:
+    """The completions' texts, and whether each stopped on its own (not at the length cap)."""
+    return [c.text for c in completions], [c.finish_reason == "stop" for c in completions]
+
+
+# ---------------------------------------------------------------- KL to a reference
+
+
+def kl_per_response(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two estimates of KL(π ‖ π_ref) per response, from the log-probs [B, T] of sampled tokens.
+
+    k1 = Σ_t log π(y_t) − log π_ref(y_t): unbiased on samples of π at temperature 1 (the
+    log-ratio on greedy or tempered samples otherwise). k3 = Σ_t (ρ_t − 1 − log ρ_t) with
+    ρ_t = π_ref(y_t) / π(y_t): never negative, lower variance (Schulman, "Approximating KL").
+    """
+    log_ratio = (ref_logprobs - logprobs) * mask
+    k1 = -log_ratio.sum(-1)
+    k3 = ((log_ratio.exp() - 1 - log_ratio) * mask).sum(-1)
+    return k1, k3
 
 
 @torch.no_grad()
@@ -119,14 +99,175 @@ def response_logprobs(
     return out
 
 
+def kl_to_reference(
+    completions: list[Completion], reference, prompt_ids: list[list[int]]
+) -> float | None:
+    """Mean over the completions of the k1 estimate of KL(model ‖ reference), in nats per
+    response: the model's own log-probs (from sampling) against one forward of the reference.
+    None when there are no completions."""
+    if not completions:
+        return None
+    ref = response_logprobs(reference, prompt_ids, [c.token_ids for c in completions])
+    k1 = [
+        kl_per_response(c.model_logprobs, r, torch.ones_like(r))[0].item()
+        for c, r in zip(completions, ref, strict=True)
+    ]
+    return _mean(k1)
+
+
+# ---------------------------------------------------------------- reward-model agreement
+
+
+Scored = tuple[list[tuple[int, int]], list[float], dict[str, Any]]  # pairs, rewards, meta
+
+
+def pairwise_report(scored: list[Scored]) -> dict[str, Any]:
+    """Pairwise accuracy (ties count half) overall, by K, and by ``meta["family"]`` if present.
+
+    Each item is one ranking: its (better, worse) index pairs, the rewards of its responses
+    and its meta. Also reports the mean pair loss per ranking and the share of rankings whose
+    whole order the rewards reproduce.
+    """
+    totals: dict[str, dict[str, float]] = {}
+    for pairs, rewards, meta in scored:
+        diffs = torch.tensor([rewards[w] - rewards[lo] for w, lo in pairs])
+        correct = ((diffs > 0).float() + 0.5 * (diffs == 0).float()).sum().item()
+        keys = ["all", f"K={len(rewards)}"]
+        if "family" in meta:
+            keys.append(f"family={meta['family']}")
+        for key in keys:
+            t = totals.setdefault(
+                key, dict.fromkeys(("rankings", "pairs", "correct", "loss", "exact"), 0)
+            )
+            t["rankings"] += 1
+            t["pairs"] += len(pairs)
+            t["correct"] += correct
+            t["loss"] += -F.logsigmoid(diffs).mean().item()
+            t["exact"] += int(correct == len(pairs))
+    return {
+        key: {
+            "rankings": int(t["rankings"]),
+            "pairs": int(t["pairs"]),
+            "accuracy": t["correct"] / t["pairs"],
+            "loss": t["loss"] / t["rankings"],
+            "exact_order": t["exact"] / t["rankings"],
+        }
+        for key, t in totals.items()
+    }
+
+
+def ranked_records_report(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """``pairwise_report`` of scored records (``rm score``'s) that carry a ranking; None when
+    none does."""
+    scored = [
+        (
+            Ranking(rec["prompt"], rec["responses"], rec["ranking"]).pairs(),
+            rec["rewards"],
+            rec["meta"],
+        )
+        for rec in records
+        if "ranking" in rec
+    ]
+    return pairwise_report(scored) if scored else None
+
+
+def print_report(title: str, report: dict[str, Any], file: TextIO | None = None) -> None:
+    """A ``pairwise_report`` as one line per breakdown."""
+    print(f"{title}:", file=file)
+    for key, row in report.items():
+        print(
+            f"  {key:<24} accuracy {row['accuracy']:.3f}  ({row['pairs']} pairs, "
+            f"{row['rankings']} rankings, exact order {row['exact_order']:.3f}, "
+            f"loss {row['loss']:.3f})",
+            file=file,
+        )
+
+
+def gold_agreement(
+    prompts: list[Prompt], groups: list[list[str]], rewards: list[list[float]], judge: Judge
+) -> float:
+    """Share of response pairs (with different gold scores) that the rewards order like gold."""
+    agree = total = 0
+    for prompt, texts, scores in zip(prompts, groups, rewards, strict=True):
+        gold = [judge(prompt, t, True).score for t in texts]
+        for i in range(len(texts)):
+            for j in range(i + 1, len(texts)):
+                if gold[i] != gold[j]:
+                    total += 1
+                    agree += (scores[i] > scores[j]) == (gold[i] > gold[j])
+    return agree / total if total else float("nan")
+
+
+# ---------------------------------------------------------------- gold evaluation
+
+
+def judge_all(
+    prompts: list[Prompt], responses: list[str], finished: list[bool] | None, judge: Judge
+) -> list[Judgement]:
+    """The gold labeler's verdict on each response (``finished``: stopped on its own)."""
+    if len(responses) != len(prompts):
+        raise UserError(f"{len(prompts)} prompts but {len(responses)} responses")
+    finished = finished if finished is not None else [True] * len(prompts)
+    return [judge(p, r, f) for p, r, f in zip(prompts, responses, finished, strict=True)]
+
+
+def win_rate(scores: list[float], against: list[float]) -> float:
+    """Share of prompts where ``scores`` beats ``against`` (ties count half)."""
+    if not scores:
+        return float("nan")
+    wins = sum(
+        1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, against, strict=True)
+    )
+    return wins / len(scores)
+
+
+def summarize(judgements: list[Judgement]) -> dict[str, Any]:
+    """Mean gold score, accuracy (overall and per family), refusal and over-refusal rates,
+    length, repetition, hedging and stop rates."""
+    families = sorted({j.family for j in judgements})
+    return {
+        "n": len(judgements),
+        "mean_gold": _mean([j.score for j in judgements]),
+        "accuracy": _mean([float(j.correct) for j in judgements]),
+        "accuracy_by_family": {
+            f: _mean([float(j.correct) for j in judgements if j.family == f]) for f in families
+        },
+        "refusal_rate_harmful": _mean(
+            [float(j.refused) for j in judgements if j.family == "harmful"]
+        ),
+        "over_refusal_rate_borderline": _mean(
+            [float(j.refused) for j in judgements if j.family == "borderline"]
+        ),
+        "mean_words": _mean([float(j.words) for j in judgements]),
+        "verbose_rate": _mean([float(j.extra_words > 0) for j in judgements]),
+        "hedge_rate": _mean([float(j.hedged) for j in judgements]),
+        "repetition_rate": _mean([float(j.repeated) for j in judgements]),
+        "stop_rate": _mean([float(j.finished) for j in judgements]),
+    }
+
+
+def evaluate_responses(
+    prompts: list[Prompt],
+    responses: list[str],
+    finished: list[bool] | None = None,
+    baseline: list[str] | None = None,
+    baseline_finished: list[bool] | None = None,
+    *,
+    judge: Judge,
+) -> dict[str, Any]:
+    """Metrics of responses to prompts the gold labeler ``judge`` knows; with ``baseline``
+    responses to the same prompts, also ``win_rate`` against them (ties count half)."""
+    judgements = judge_all(prompts, responses, finished, judge)
+    metrics = summarize(judgements)
+    if baseline is not None:
+        against = judge_all(prompts, baseline, baseline_finished, judge)
+        metrics["win_rate"] = win_rate([j.score for j in judgements], [j.score for j in against])
+    return metrics
+
+
 def _sample(model_dir: str | Path, prompts: list[Prompt], params: SamplingParams):
-    model, tokenizer = load_causal_lm(model_dir)
-    completions = Engine(model, tokenizer).generate_chat([p.messages for p in prompts], params)
-    return model, tokenizer, completions
-
-
-def _texts(completions: list[Completion]) -> tuple[list[str], list[bool]]:
-    return [c.text for c in completions], [c.finish_reason == "stop" for c in completions]
+    engine = load_engine(model_dir)
+    return engine, engine.generate_chat([p.messages for p in prompts], params)
 
 
 def evaluate_model(
@@ -137,25 +278,27 @@ def evaluate_model(
     seed: int = 0,
     max_new_tokens: int = 64,
     samples_path: str | Path | None = None,
+    *,
+    judge: Judge,
+    perfect: Perfect,
 ) -> dict[str, Any]:
     """Sample the model (and the baseline) once per prompt and score against the gold labeler.
 
-    The report has ``model``, ``perfect`` (the world's canonical responses: the ceiling, with
+    The report has ``model``, ``perfect`` (the labeler's perfect responses: the ceiling, with
     its win rate against the model) and, with a baseline, ``baseline``, the model's win rate
-    against it and ``kl_vs_baseline``: the mean over samples of the summed log-ratio
-    log p_model − log p_baseline of the sampled tokens — an estimate of KL(model ‖ baseline)
-    at temperature 1, the log-ratio on greedy or tempered samples otherwise.
+    against it and ``kl_vs_baseline`` (``kl_to_reference`` on the model's samples; None when
+    the tokenizers differ).
     """
     if not prompts:
         raise UserError("no prompts to evaluate")
-    perfect = [perfect_response(p) for p in prompts]  # checks the prompts' meta before sampling
+    best = [perfect(p) for p in prompts]  # checks the prompts' meta before sampling
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    model, tokenizer, completions = _sample(model_dir, prompts, params)
-    texts, finished = _texts(completions)
-    model_metrics = evaluate_responses(prompts, texts, finished)
+    engine, completions = _sample(model_dir, prompts, params)
+    texts, finished = completion_texts(completions)
+    model_metrics = evaluate_responses(prompts, texts, finished, judge=judge)
     model_metrics["mean_tokens"] = _mean([float(len(c.token_ids)) for c in completions])
     perfect_metrics = evaluate_responses(
-        prompts, perfect, baseline=texts, baseline_finished=finished
+        prompts, best, baseline=texts, baseline_finished=finished, judge=judge
     )
     perfect_metrics["win_rate_vs_model"] = perfect_metrics.pop("win_rate")
     report: dict[str, Any] = {
@@ -172,38 +315,33 @@ def evaluate_model(
     }
     baseline_texts: list[str] | None = None
     if baseline_dir is not None:
-        del model
-        base_model, base_tokenizer, base_completions = _sample(baseline_dir, prompts, params)
-        baseline_texts, baseline_finished = _texts(base_completions)
-        report["baseline"] = evaluate_responses(prompts, baseline_texts, baseline_finished)
+        tokenizer = engine.tokenizer
+        del engine
+        base_engine, base_completions = _sample(baseline_dir, prompts, params)
+        baseline_texts, baseline_finished = completion_texts(base_completions)
+        report["baseline"] = evaluate_responses(
+            prompts, baseline_texts, baseline_finished, judge=judge
+        )
         report["baseline"]["mean_tokens"] = _mean(
             [float(len(c.token_ids)) for c in base_completions]
         )
         model_metrics["win_rate_vs_baseline"] = evaluate_responses(
-            prompts, texts, finished, baseline_texts, baseline_finished
+            prompts, texts, finished, baseline_texts, baseline_finished, judge=judge
         )["win_rate"]
         perfect_metrics["win_rate_vs_baseline"] = evaluate_responses(
-            prompts, perfect, baseline=baseline_texts, baseline_finished=baseline_finished
+            prompts, best, baseline=baseline_texts, baseline_finished=baseline_finished, judge=judge
         )["win_rate"]
-        model_metrics["kl_vs_baseline"] = _kl(
-            completions, prompts, tokenizer, base_model, base_tokenizer
+        same_tokens = tokenizer.get_vocab() == base_engine.tokenizer.get_vocab()
+        prompt_ids = [encode_prompt(tokenizer, p.messages) for p in prompts]
+        model_metrics["kl_vs_baseline"] = (
+            kl_to_reference(completions, base_engine.model, prompt_ids) if same_tokens else None
         )
     if samples_path is not None:
-        _write_samples(samples_path, prompts, texts, finished, baseline_texts)
+        _write_samples(samples_path, prompts, texts, finished, baseline_texts, judge)
     return report
 
 
-def _kl(completions, prompts, tokenizer, base_model, base_tokenizer) -> float | None:
-    """Mean summed log-ratio of the model's samples (None when the tokenizers differ)."""
-    if tokenizer.get_vocab() != base_tokenizer.get_vocab():
-        return None
-    prompt_ids = [encode_prompt(tokenizer, p.messages) for p in prompts]
-    base = response_logprobs(base_model, prompt_ids, [c.token_ids for c in completions])
-    ratios = [float((c.model_logprobs - b).sum()) for c, b in zip(completions, base, strict=True)]
-    return _mean(ratios)
-
-
-def _write_samples(path, prompts, texts, finished, baseline_texts) -> None:
+def _write_samples(path, prompts, texts, finished, baseline_texts, judge: Judge) -> None:
     records = []
     for i, (prompt, text, done) in enumerate(zip(prompts, texts, finished, strict=True)):
         verdict = judge(prompt, text, done)
@@ -248,3 +386,78 @@ def _cell(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+# ---------------------------------------------------------------- a pipeline run
+
+
+def _policy_row(
+    prompts: list[Prompt], texts: list[str], finished: list[bool], sft, judge: Judge
+) -> dict[str, Any]:
+    m = evaluate_responses(
+        prompts, texts, finished, baseline=sft[0], baseline_finished=sft[1], judge=judge
+    )
+    return {
+        "gold_score": m["mean_gold"],
+        "win_rate_vs_sft": m["win_rate"],
+        "refusal_rate": m["refusal_rate_harmful"],
+        "over_refusal_rate": m["over_refusal_rate_borderline"],
+        "stop_rate": m["stop_rate"],
+        "mean_length": m["mean_words"],
+        "accuracy": m["accuracy"],
+        "accuracy_by_family": m["accuracy_by_family"],
+    }
+
+
+@torch.inference_mode()
+def evaluate_run(
+    run: Path, prompts_path: Path, settings, seed: int, *, judge: Judge, perfect: Perfect
+) -> dict[str, Any]:
+    """Sample SFT and PPO (temperature 1 and greedy), Best-of-n from SFT picked by the RM,
+    and the perfect responses, on held-out prompts; judge all with the gold labeler."""
+    prompts = load_prompts(prompts_path)
+    conversations = [p.messages for p in prompts]
+    sample = SamplingParams(
+        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, seed=seed
+    )
+    greedy = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=0.0)
+    sft_engine = load_engine(run / "sft")
+    prompt_ids = [encode_prompt(sft_engine.tokenizer, c) for c in conversations]
+    out: dict[str, Any] = {}
+
+    def row(completions: list[Completion]) -> dict[str, Any]:
+        return _policy_row(prompts, *completion_texts(completions), sft_texts, judge)
+
+    sft_texts = completion_texts(sft_engine.generate(prompt_ids, sample))
+    out["sft"] = _policy_row(prompts, *sft_texts, sft_texts, judge) | {"kl_vs_sft": 0.0}
+    # Greedy rows: the same log-ratio on the greedy responses (0 for SFT's own).
+    out["sft_greedy"] = row(sft_engine.generate(prompt_ids, greedy)) | {"kl_vs_sft": 0.0}
+
+    n = settings.best_of
+    many = sft_engine.generate(
+        prompt_ids, SamplingParams(**{**sample.__dict__, "n": n, "seed": seed + 1})
+    )
+    scorer = RewardScorer(run / "rm")
+    rewards = scorer.score(
+        [c for c in conversations for _ in range(n)], [c.text for c in many]
+    ).tolist()
+    groups = [many[i * n : (i + 1) * n] for i in range(len(prompts))]
+    group_rewards = [rewards[i * n : (i + 1) * n] for i in range(len(prompts))]
+    best = [g[max(range(n), key=r.__getitem__)] for g, r in zip(groups, group_rewards, strict=True)]
+    # KL of Best-of-n from its base policy has a closed-form upper bound: log n − (n−1)/n.
+    out["best_of_n"] = row(best) | {"kl_vs_sft": math.log(n) - (n - 1) / n}
+    rm_accuracy = gold_agreement(
+        prompts, [[c.text for c in g] for g in groups], group_rewards, judge
+    )
+
+    ppo_engine = load_engine(run / "ppo")
+    for name, params in (("ppo", sample), ("ppo_greedy", greedy)):
+        completions = ppo_engine.generate(prompt_ids, params)
+        out[name] = row(completions)
+        out[name]["kl_vs_sft"] = kl_to_reference(completions, sft_engine.model, prompt_ids)
+
+    texts = [perfect(p) for p in prompts]
+    out["perfect"] = _policy_row(prompts, texts, [True] * len(prompts), sft_texts, judge) | {
+        "kl_vs_sft": None
+    }
+    return {"policies": out, "rm_accuracy": rm_accuracy, "best_of": n, "prompts": len(prompts)}

@@ -168,15 +168,6 @@ def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
-# Where `chatrl rm` stores the reward normalisation, in the reward model's config.
-REWARD_MEAN, REWARD_STD = "chatrl_reward_mean", "chatrl_reward_std"
-
-
-def reward_normalisation(config) -> tuple[float, float]:
-    """(mean, std) of a reward model's raw scores on SFT samples; (0, 1) when none is stored."""
-    return float(getattr(config, REWARD_MEAN, 0.0)), float(getattr(config, REWARD_STD, 1.0))
-
-
 def context_length(config, tokenizer=None) -> int | None:
     """The most tokens (prompt plus response) a model takes: its position table
     (``max_position_embeddings``, GPT-2's ``n_positions``), else the tokenizer's limit when it

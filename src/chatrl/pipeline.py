@@ -332,7 +332,8 @@ def run_ppo(run: Run) -> None:
 
 
 def run_eval(run: Run) -> None:
-    from chatrl.report import evaluate_run
+    from chatrl.evaluate import evaluate_run
+    from chatrl.world import judge, perfect_response
 
     cfg, out = run.cfg, run.stage_dir("eval")
     if not cfg.world:
@@ -340,7 +341,10 @@ def run_eval(run: Run) -> None:
     prompts_path = _world_prompts(
         cfg.eval.world_prompts, cfg.seed, "heldout", out / "prompts.jsonl"
     )
-    write_json(out / "eval.json", evaluate_run(run.dir, prompts_path, cfg.eval, cfg.seed))
+    evaluation = evaluate_run(
+        run.dir, prompts_path, cfg.eval, cfg.seed, judge=judge, perfect=perfect_response
+    )
+    write_json(out / "eval.json", evaluation)
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Run], None]] = {
@@ -414,4 +418,7 @@ def run_pipeline(
             console.print(f"[green]✓[/] {stage}: {seconds:.0f} s")
         records[stage] = state
         upstream = digest
+    from chatrl.report import write_report
+
+    write_report(run.dir, records, cfg.seed)
     return records

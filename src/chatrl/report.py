@@ -1,10 +1,10 @@
-"""The run's report card: the final evaluation of SFT, Best-of-n, PPO and the perfect policy
-on held-out prompts, as markdown, JSON and PNG plots."""
+"""The run's report card: what ``evaluate.evaluate_run`` measured (SFT, Best-of-n, PPO and the
+perfect policy on held-out prompts) and each stage's training curves, rendered as markdown,
+JSON and PNG plots. It measures nothing itself."""
 
 from __future__ import annotations
 
 import json
-import math
 import platform
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,115 +13,10 @@ from typing import Any
 import torch
 
 from chatrl import __version__
-from chatrl.chat_format import encode_prompt
-from chatrl.data import Prompt, load_json_file, load_prompts, write_json
-from chatrl.engine import Engine, SamplingParams
-from chatrl.evaluate import evaluate_responses, response_logprobs
-from chatrl.models import load_causal_lm
+from chatrl.data import load_json_file, write_json
 from chatrl.precision import hardware
-from chatrl.train.reward import RewardScorer
-from chatrl.world import perfect_response
-from chatrl.world.judge import gold_score
 
 POLICIES = ("sft", "sft_greedy", "best_of_n", "ppo", "ppo_greedy", "perfect")
-
-
-def _row(prompts: list[Prompt], texts: list[str], finished: list[bool], sft) -> dict[str, Any]:
-    m = evaluate_responses(prompts, texts, finished, baseline=sft[0], baseline_finished=sft[1])
-    return {
-        "gold_score": m["mean_gold"],
-        "win_rate_vs_sft": m["win_rate"],
-        "refusal_rate": m["refusal_rate_harmful"],
-        "over_refusal_rate": m["over_refusal_rate_borderline"],
-        "stop_rate": m["stop_rate"],
-        "mean_length": m["mean_words"],
-        "accuracy": m["accuracy"],
-        "accuracy_by_family": m["accuracy_by_family"],
-    }
-
-
-def _kl_vs(reference, completions, prompt_ids) -> float:
-    """Mean over samples of Σ_t log π(y_t) − log π_sft(y_t): KL(π ‖ π_sft) in nats per
-    response, estimated on the model's own temperature-1 samples."""
-    responses = [c.token_ids for c in completions]
-    ref = response_logprobs(reference, prompt_ids, responses)
-    diffs = [float(c.model_logprobs.sum() - r.sum()) for c, r in zip(completions, ref, strict=True)]
-    return sum(diffs) / len(diffs)
-
-
-def _texts(completions) -> tuple[list[str], list[bool]]:
-    return [c.text for c in completions], [c.finish_reason == "stop" for c in completions]
-
-
-def rm_agreement(
-    prompts: list[Prompt], groups: list[list[str]], rewards: list[list[float]]
-) -> float:
-    """Share of response pairs (with different gold scores) that the RM orders like gold."""
-    agree = total = 0
-    for prompt, texts, scores in zip(prompts, groups, rewards, strict=True):
-        gold = [gold_score(prompt, t) for t in texts]
-        for i in range(len(texts)):
-            for j in range(i + 1, len(texts)):
-                if gold[i] != gold[j]:
-                    total += 1
-                    agree += (scores[i] > scores[j]) == (gold[i] > gold[j])
-    return agree / total if total else float("nan")
-
-
-@torch.inference_mode()
-def evaluate_run(run: Path, prompts_path: Path, settings, seed: int) -> dict[str, Any]:
-    """Sample SFT and PPO (temperature 1 and greedy), Best-of-n from SFT picked by the RM,
-    and the perfect responses, on held-out prompts; judge all with the gold labeler."""
-    prompts = load_prompts(prompts_path)
-    conversations = [p.messages for p in prompts]
-    sample = SamplingParams(
-        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, seed=seed
-    )
-    greedy = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=0.0)
-    sft_model, tokenizer = load_causal_lm(run / "sft")
-    sft_engine = Engine(sft_model, tokenizer)
-    prompt_ids = [encode_prompt(tokenizer, c) for c in conversations]
-    out: dict[str, Any] = {}
-
-    sft_samples = sft_engine.generate(prompt_ids, sample)
-    sft_texts = _texts(sft_samples)
-    out["sft"] = _row(prompts, *sft_texts, sft_texts) | {"kl_vs_sft": 0.0}
-    # Greedy rows: the same log-ratio on the greedy responses (0 for SFT's own).
-    sft_greedy = _row(prompts, *_texts(sft_engine.generate(prompt_ids, greedy)), sft_texts)
-    out["sft_greedy"] = sft_greedy | {"kl_vs_sft": 0.0}
-
-    n = settings.best_of
-    many = sft_engine.generate(
-        prompt_ids, SamplingParams(**{**sample.__dict__, "n": n, "seed": seed + 1})
-    )
-    scorer = RewardScorer(run / "rm")
-    rewards = scorer.score(
-        [c for c in conversations for _ in range(n)], [c.text for c in many]
-    ).tolist()
-    groups = [many[i * n : (i + 1) * n] for i in range(len(prompts))]
-    group_rewards = [rewards[i * n : (i + 1) * n] for i in range(len(prompts))]
-    best = [g[max(range(n), key=r.__getitem__)] for g, r in zip(groups, group_rewards, strict=True)]
-    # KL of Best-of-n from its base policy has a closed-form upper bound: log n − (n−1)/n.
-    out["best_of_n"] = _row(prompts, *_texts(best), sft_texts) | {
-        "kl_vs_sft": math.log(n) - (n - 1) / n
-    }
-    rm_accuracy = rm_agreement(prompts, [[c.text for c in g] for g in groups], group_rewards)
-
-    ppo_model, _ = load_causal_lm(run / "ppo")
-    ppo_engine = Engine(ppo_model, tokenizer)
-    ppo_samples = ppo_engine.generate(prompt_ids, sample)
-    out["ppo"] = _row(prompts, *_texts(ppo_samples), sft_texts)
-    out["ppo"]["kl_vs_sft"] = _kl_vs(sft_model, ppo_samples, prompt_ids)
-    ppo_greedy = ppo_engine.generate(prompt_ids, greedy)
-    out["ppo_greedy"] = _row(prompts, *_texts(ppo_greedy), sft_texts)
-    out["ppo_greedy"]["kl_vs_sft"] = _kl_vs(sft_model, ppo_greedy, prompt_ids)
-
-    perfect = [perfect_response(p) for p in prompts]
-    out["perfect"] = _row(prompts, perfect, [True] * len(prompts), sft_texts) | {"kl_vs_sft": None}
-    return {"policies": out, "rm_accuracy": rm_accuracy, "best_of": n, "prompts": len(prompts)}
-
-
-# ---------------------------------------------------------------- the report card
 
 
 def _metrics(path: Path) -> list[dict[str, Any]]:

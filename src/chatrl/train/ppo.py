@@ -38,13 +38,13 @@ from chatrl.chat_format import (
     encode_conversation,
     encode_prompt,
     encode_text,
-    render,
 )
 from chatrl.config import PPOConfig
 from chatrl.data import Prompt, load_conversations, load_prompts, load_text, read_jsonl
 from chatrl.engine import Completion, Engine, SamplingParams
 from chatrl.errors import UserError
-from chatrl.models import load_causal_lm, load_reward_model, reward_normalisation, save_model
+from chatrl.models import load_causal_lm, load_reward_model, save_model
+from chatrl.reward_model import RewardScorer
 from chatrl.train.loop import (
     MetricsLog,
     TrainerState,
@@ -140,33 +140,6 @@ class ActorCritic(nn.Module):
                 head(hidden.last_hidden_state[:, :-1][keep]).float(), targets[keep]
             )
         return logits, values.float(), ptx_loss
-
-
-class RewardModel:
-    """The frozen reward model r_θ: normalised scores of (prompt, response) texts.
-
-    Scored as ``chatrl rm`` scores: the prompt with the response as its final assistant turn,
-    in the reward model's own chat rendering and tokenizer, at the last token; then
-    ``(raw − mean) / std`` with the normalisation stored in its config (0 ≈ the SFT model's
-    mean reward). Any ``AutoModelForSequenceClassification`` works, encoders included.
-    """
-
-    def __init__(self, path: str | Path, device: torch.device):
-        self.model, self.tokenizer = load_reward_model(path)
-        self.model.to(device).eval()
-        self.mean, self.std = reward_normalisation(self.model.config)
-
-    @torch.no_grad()
-    def score(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
-        """Normalised scores, float32 [len(responses)] on the CPU."""
-        texts = [
-            render(self.tokenizer, [*p, {"role": "assistant", "content": r}])
-            for p, r in zip(prompts, responses, strict=True)
-        ]
-        # Right padding: transformers scores a decoder at the last non-padding token.
-        batch = self.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
-        raw = self.model(**batch.to(self.model.device)).logits[:, 0].float().cpu()
-        return (raw - self.mean) / self.std
 
 
 # ---------------------------------------------------------------- rollout
@@ -282,7 +255,7 @@ class Models:
 
     actor_critic: ActorCritic  # unwrapped (no DDP): rollouts need no gradients
     reference: nn.Module | None  # None with LoRA: the policy with its adapters disabled
-    reward: RewardModel
+    reward: RewardScorer
     tokenizer: Any
     engine: Engine
 
@@ -327,8 +300,7 @@ def sample_and_score(
     texts = [c.text for c in completions]
     owners = [prompts[c.prompt_index] for c in completions]
     stopped = torch.tensor([c.finish_reason == "stop" for c in completions])
-    with accelerator.autocast():
-        scores = models.reward.score([p.messages for p in owners], texts)
+    scores = models.reward.score([p.messages for p in owners], texts)
     scored = time.perf_counter()
     device = accelerator.device
     input_ids, index, tokens, mask, logprobs = (
@@ -743,7 +715,11 @@ def train_ppo(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> 
     unwrapped = accelerator.unwrap_model(prepared)
     engine = Engine(unwrapped.policy, tokenizer, max_batch_size=cfg.rollout_batch_size)
     models = Models(
-        unwrapped, reference, RewardModel(cfg.reward, accelerator.device), tokenizer, engine
+        unwrapped,
+        reference,
+        RewardScorer(cfg.reward, accelerator.device, cfg.bf16),
+        tokenizer,
+        engine,
     )
     my_eval = shard(list(range(len(eval_prompts))), accelerator)
 

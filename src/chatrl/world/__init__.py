@@ -5,7 +5,7 @@ Stages never import it (they meet the world in files); ``chatrl world``, ``chatr
 ``chatrl ppo`` (for the gold score of world prompts) and the pipeline do. See docs/world.md.
 """
 
-from chatrl.world.judge import Judgement, gold_score, rollout_gold_score
+from chatrl.world.judge import Judgement, gold_score, judge, rollout_gold_score
 from chatrl.world.tasks import (
     DEMO_MIX,
     FAMILIES,
@@ -24,6 +24,7 @@ __all__ = [
     "Judgement",
     "gold_score",
     "is_world_prompt",
+    "judge",
     "make_prompts",
     "perfect_response",
     "pretrain_text",
