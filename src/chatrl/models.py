@@ -1,7 +1,15 @@
-"""One way to make and load models: tokenizer training, size presets, policy/reward loading."""
+"""One way to make and load models: tokenizer training, size presets, policy/reward loading.
+
+Every loader takes a model directory, a hub id or a GGUF file (``resolve_model``).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -131,6 +139,89 @@ def save_model(model, tokenizer, out: str | Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+# A model path ending in this is a GGUF file (llama.cpp's format), read through transformers.
+GGUF_SUFFIX = ".gguf"
+
+
+def cache_dir() -> Path:
+    """Where chatrl keeps what it derives from the user's files: ``$CHATRL_CACHE``, by default
+    ``~/.cache/chatrl``."""
+    return Path(os.environ.get("CHATRL_CACHE") or Path.home() / ".cache" / "chatrl")
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """The file's sha256 in hex, read in chunks (GGUF files run to gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_model(path: str | Path) -> str | Path:
+    """What to load for a model path: a GGUF file becomes an ordinary Hugging Face directory,
+    dequantised to fp32 and cached under ``cache_dir()/gguf/<sha256 of the file>/``, converted
+    the first time only; any other path or hub id is returned as it is.
+
+    Every loader here calls it, so a ``.gguf`` file works wherever a model is asked for.
+    """
+    if not str(path).lower().endswith(GGUF_SUFFIX):
+        return path
+    source = Path(path)
+    if not source.is_file():
+        raise UserError(f"{path}: GGUF file not found")
+    target = cache_dir() / "gguf" / file_sha256(source)
+    if not (target / "config.json").exists():
+        _convert_gguf(source, target)
+    return target
+
+
+def _convert_gguf(source: Path, target: Path) -> None:
+    """Write ``source`` (GGUF) as an HF directory at ``target``, atomically: into a temporary
+    directory beside it, renamed into place once complete, so a kill leaves no half directory
+    at ``target``."""
+    print(f"{source}: converting from GGUF to fp32, once, into {target}", file=sys.stderr)
+    model, tokenizer = _read_gguf(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save_model(model, tokenizer, temporary)
+        try:
+            temporary.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+            # Another process converted the same file meanwhile: keep its directory.
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _read_gguf(source: Path):
+    """The GGUF file's model, dequantised to fp32 in a plain (savable) model, and tokenizer."""
+    from transformers.utils import is_gguf_available
+
+    if not is_gguf_available():
+        raise UserError(
+            f"{source}: reading GGUF files needs the gguf package (pip install 'chatrl[real]')"
+        )
+    folder, name = str(source.parent), source.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except Exception as e:  # whatever fails here, it is the file transformers could not read
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{source}: transformers cannot load this GGUF file: {reason}") from e
+    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"), though its weights
+    # are dequantised already: a fresh model of its config, without the quantisation record,
+    # takes them and saves as any other.
+    config = model.config
+    del config.quantization_config
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain, tokenizer
+
+
 def _check_dir(path: str | Path) -> None:
     p = Path(path)
     if not p.exists() and ("/" in str(path) or str(path).startswith(".")):
@@ -140,7 +231,8 @@ def _check_dir(path: str | Path) -> None:
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer of a model directory or hub id, with a pad token guaranteed."""
+    """The tokenizer of a model directory, hub id or GGUF file, with a pad token guaranteed."""
+    path = resolve_model(path)
     _check_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
@@ -149,7 +241,8 @@ def load_tokenizer(path: str | Path):
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
-    """A causal LM and its tokenizer."""
+    """A causal LM and its tokenizer (from a model directory, hub id or GGUF file)."""
+    path = resolve_model(path)
     _check_dir(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model, load_tokenizer(path)
@@ -159,8 +252,9 @@ def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """A one-output sequence-classification model (reward or value) and its tokenizer.
 
     A causal-LM checkpoint gets a fresh scalar head (that is how a reward model starts from
-    the SFT model).
+    the SFT model; a GGUF file is read as a causal LM, so it gets one too).
     """
+    path = resolve_model(path)
     _check_dir(path)
     tokenizer = load_tokenizer(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
