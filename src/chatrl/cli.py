@@ -13,11 +13,9 @@ from rich.markup import escape
 
 from chatrl.config import BF16_HELP
 from chatrl.errors import UserError
-from chatrl.label.commands import DEFAULT_DB as DEFAULT_LABEL_DB
-from chatrl.label.commands import DbOpt as LabelDbOpt
 from chatrl.label.commands import label_app
 from chatrl.teacher.commands import teacher_app
-from chatrl.world.commands import world_app
+from chatrl.world.commands import label_simulate_cmd, world_app
 
 app = typer.Typer(
     help=(
@@ -159,25 +157,7 @@ def sample_cmd(
 app.add_typer(label_app, name="label")
 
 
-@label_app.command("simulate")
-def label_simulate_cmd(
-    db: LabelDbOpt = DEFAULT_LABEL_DB,
-    annotators: Annotated[int, typer.Option(help="How many simulated annotators.")] = 3,
-    seed: Annotated[int, typer.Option(help="Seed of the simulated annotators.")] = 0,
-) -> None:
-    """Let the bundled world's simulated annotators rank every waiting task.
-
-    They submit through the same code path as people do (for the demo and the tests)."""
-    from chatrl.label.store import LabelStore, simulate
-    from chatrl.world.annotators import default_annotators
-
-    team = default_annotators(seed)
-    if not 1 <= annotators <= len(team):
-        raise UserError(f"--annotators must be between 1 and {len(team)}")
-    done = simulate(LabelStore(db), {a.name: a.rank for a in team[:annotators]})
-    typer.echo(", ".join(f"{name}: {count} rankings" for name, count in done.items()))
-
-
+label_app.command("simulate")(label_simulate_cmd)  # the world's annotators (world/commands.py)
 app.add_typer(world_app, name="world")
 app.add_typer(teacher_app, name="teacher")
 

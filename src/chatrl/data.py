@@ -18,6 +18,7 @@ Formats (JSONL, one record per line; see docs/formats.md):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -29,13 +30,20 @@ from typing import Any
 
 from chatrl.errors import UserError
 
+# Annotator names of model rankers (`chatrl teacher rank`): "teacher:MODEL".
+TEACHER_PREFIX = "teacher:"
+
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
 
 
 @dataclass
 class Ranking:
-    """K responses to one prompt, ranked best first (``ranking`` holds response indices)."""
+    """K responses to one prompt, ranked best first (``ranking`` holds response indices).
+
+    ``annotator`` names who ranked them; a name starting with ``TEACHER_PREFIX`` is a model
+    (``chatrl teacher rank``), which the labeling app's statistics compare with people.
+    """
 
     prompt: list[Message]
     responses: list[str]
@@ -302,6 +310,12 @@ class Task:
     responses: list[str]
     id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> str:
+        """Identity for idempotent imports and resumed runs: the id if there is one, else the
+        content (prompt and responses)."""
+        basis = {"id": self.id} if self.id is not None else [self.prompt, self.responses]
+        return hashlib.sha256(json.dumps(basis, ensure_ascii=False).encode()).hexdigest()
 
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {"prompt": self.prompt, "responses": self.responses}

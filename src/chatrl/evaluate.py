@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +29,25 @@ from chatrl.engine import Completion, SamplingParams, load_engine
 from chatrl.errors import UserError
 from chatrl.reward_model import RewardScorer
 
-if TYPE_CHECKING:
-    from chatrl.world.judge import Judgement
+
+class Verdict(Protocol):
+    """What a gold labeler says of one response (the world's ``Judgement`` is one)."""
+
+    family: str  # the prompt's task family
+    score: float  # higher is better; the perfect response gets 1
+    correct: bool
+    refused: bool
+    hedged: bool
+    repeated: bool
+    finished: bool  # the response stopped on its own
+    words: int
+    extra_words: int  # words beyond what the perfect response needs
+
+    def to_json(self) -> dict[str, Any]: ...
+
 
 # judge(prompt, response, finished) -> the gold labeler's verdict (the world's ``judge``).
-Judge = Callable[[Prompt, str, bool], "Judgement"]
+Judge = Callable[[Prompt, str, bool], Verdict]
 # perfect(prompt) -> the best response to a prompt (the world's ``perfect_response``).
 Perfect = Callable[[Prompt], str]
 
@@ -203,7 +217,7 @@ def gold_agreement(
 
 def judge_all(
     prompts: list[Prompt], responses: list[str], finished: list[bool] | None, judge: Judge
-) -> list[Judgement]:
+) -> list[Verdict]:
     """The gold labeler's verdict on each response (``finished``: stopped on its own)."""
     if len(responses) != len(prompts):
         raise UserError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -221,7 +235,7 @@ def win_rate(scores: list[float], against: list[float]) -> float:
     return wins / len(scores)
 
 
-def summarize(judgements: list[Judgement]) -> dict[str, Any]:
+def summarize(judgements: list[Verdict]) -> dict[str, Any]:
     """Mean gold score, accuracy (overall and per family), refusal and over-refusal rates,
     length, repetition, hedging and stop rates."""
     families = sorted({j.family for j in judgements})

@@ -275,7 +275,7 @@ def run_sample(run: Run) -> None:
 def run_label(run: Run) -> None:
     """Rankings of the sampled tasks, by simulated annotators or by people in the app."""
     from chatrl.data import load_tasks
-    from chatrl.label.store import LabelStore, simulate, task_key
+    from chatrl.label.store import LabelStore, simulate
 
     cfg, out = run.cfg, run.stage_dir("label")
     db = cfg.label.db or f"sqlite:///{out / 'labels.db'}"
@@ -293,7 +293,7 @@ def run_label(run: Run) -> None:
             run.metrics["annotators"] = agreement_report(team, sets)
         rankings = store.rankings()
         # Identical tasks (same prompt, same responses) are stored once.
-        needed = cfg.label.min_rankings or len({task_key(t) for t in tasks})
+        needed = cfg.label.min_rankings or len({t.key() for t in tasks})
         if len(rankings) < needed:
             raise WaitingForLabels(
                 f"{len(rankings)} of {needed} rankings are in. Open the labeling app:\n"

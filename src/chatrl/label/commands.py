@@ -1,7 +1,8 @@
 """``chatrl label …``: run the labeling server and manage its database from the shell.
 
-``chatrl.cli`` mounts ``label_app`` and adds ``label simulate`` (it needs the bundled world,
-which the label package must not import).
+``chatrl.cli`` mounts ``label_app`` and adds ``label simulate``, defined with the world's
+commands (``chatrl.world.commands``): it needs the bundled world, which the labeling app never
+imports.
 """
 
 import json

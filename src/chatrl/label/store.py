@@ -16,7 +16,6 @@ Concurrency: every public method is one short transaction.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import secrets
 from collections import Counter
@@ -48,7 +47,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from chatrl.data import Message, Prompt, Ranking, Task
+from chatrl.data import TEACHER_PREFIX, Message, Prompt, Ranking, Task
 from chatrl.errors import UserError
 from chatrl.label import ExportFormat
 
@@ -57,8 +56,6 @@ MAX_RESPONSES = 9  # the page ranks with the number keys 1-9
 FLAG_KINDS = ("harmful", "untruthful")
 MAX_REWRITE_CHARS = 20_000
 MIGRATIONS = Path(__file__).parent / "migrations"
-# Annotators named so are models (`chatrl teacher rank`): stats compare them with people.
-TEACHER_PREFIX = "teacher:"
 
 
 def _now() -> datetime:
@@ -222,12 +219,6 @@ def migrate(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
-def task_key(task: Task) -> str:
-    """Identity for idempotent imports: the task's id if it has one, else its content."""
-    basis = {"id": task.id} if task.id is not None else [task.prompt, task.responses]
-    return hashlib.sha256(json.dumps(basis, ensure_ascii=False).encode()).hexdigest()
-
-
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -306,7 +297,7 @@ class LabelStore:
             known = set(session.scalars(select(TaskRow.key)))
             new: dict[str, Task] = {}
             for task in tasks:
-                key = task_key(task)
+                key = task.key()
                 if key not in known:
                     new.setdefault(key, task)
             shared = set(
@@ -387,7 +378,7 @@ class LabelStore:
             return _assignment(row, task)
 
     def assign_extra(self, annotator_id: int, key: str) -> Assignment:
-        """Hand the task with this ``task_key`` to the annotator on top of the ``overlap``
+        """Hand the task with this ``Task.key()`` to the annotator on top of the ``overlap``
         annotators it waits for (a teacher model beside people): its overlap grows by one.
         Returns the annotator's assignment of it when they already have one."""
         with self._session.begin() as session:
@@ -408,6 +399,27 @@ class LabelStore:
                 session.add(row)
                 session.flush()
             return _assignment(row, task)
+
+    def add_rankings(self, annotator: str, rankings: dict[str, list[int]]) -> tuple[int, int]:
+        """Store rankings made outside the app (a teacher model's), keyed by ``Task.key()``,
+        as annotator ``annotator`` beside people's, through the same calls people's
+        submissions go through; the annotator is added if new (nobody logs in as it).
+
+        Safe to repeat. Returns how many are stored there (now or by an earlier call) and how
+        many conflict with a different ranking stored earlier (those are kept as they were).
+        """
+        if self.annotator_id(annotator) is None:
+            self.add_annotator(annotator)
+        annotator_id = self.annotator_id(annotator)
+        stored = conflicts = 0
+        for key, ranking in rankings.items():
+            assignment = self.assign_extra(annotator_id, key)
+            try:
+                self.submit(annotator_id, assignment.id, Submission(ranking))
+                stored += 1
+            except AlreadySubmitted:
+                conflicts += 1
+        return stored, conflicts
 
     def _own_assignment(self, session: Any, annotator_id: int, assignment_id: int):
         row = session.scalars(

@@ -23,9 +23,9 @@ from typing import Any
 
 from rich.console import Console
 
-from chatrl.data import Message, Ranking, Task, load_tasks, read_jsonl
+from chatrl.data import TEACHER_PREFIX, Message, Ranking, Task, load_tasks, read_jsonl
 from chatrl.errors import UserError
-from chatrl.label.store import TEACHER_PREFIX, task_key
+from chatrl.label.store import LabelStore
 from chatrl.teacher.batch import BatchReport, record_key, run_batch
 from chatrl.teacher.client import ChatClient, ClientSettings, RequestFailed
 
@@ -138,7 +138,7 @@ class HumanCheck:
     """The share of tasks sent to the labeling database, and the teacher's rankings of them."""
 
     db: str  # the database's URL, password hidden
-    keys: set[str] = field(repr=False)  # task_key of each task sent
+    keys: set[str] = field(repr=False)  # Task.key() of each task sent
     added: int = 0  # new to the database (the others were there already)
     teacher_rankings: int = 0
     conflicts: int = 0  # an earlier, different teacher ranking is already stored
@@ -192,7 +192,7 @@ def rank_tasks(
     jobs = []
     for number, task in enumerate(load_tasks(tasks), start=1):
         check_task(task, f"{tasks}: task {number}")
-        jobs.append(_Job(task, number, task_key(task)))
+        jobs.append(_Job(task, number, task.key()))
     human = None
     if human_fraction > 0:
         human = _queue_for_people(jobs, human_fraction, db, human_overlap, seed)
@@ -211,8 +211,6 @@ def _human_sample(keys: list[str], fraction: float, seed: int) -> set[str]:
 def _queue_for_people(
     jobs: list[_Job], fraction: float, db: str, overlap: int, seed: int
 ) -> HumanCheck:
-    from chatrl.label.store import LabelStore
-
     sample = _human_sample([job.key for job in jobs], fraction, seed)
     chosen = list({job.key: job.task for job in jobs if job.key in sample}.values())
     store = LabelStore(db)
@@ -224,28 +222,18 @@ def _queue_for_people(
 
 
 def _submit_teacher_rankings(human: HumanCheck, db: str, out: str | Path, annotator: str) -> None:
-    """Store the teacher's rankings of the sampled tasks as annotator ``annotator``, through
-    the same calls people's submissions go through. Safe to repeat."""
-    from chatrl.label.store import AlreadySubmitted, LabelStore, Submission
-
+    """Store the teacher's rankings of the sampled tasks in the labeling database as annotator
+    ``annotator`` (``LabelStore.add_rankings``). Safe to repeat."""
     if not Path(out).exists():
         return
+    rankings = {}
+    for _, record in read_jsonl(out):
+        key = record_key(record)
+        if key in human.keys:
+            rankings[key] = record["ranking"]
     store = LabelStore(db)
     try:
-        teacher = store.annotator_id(annotator)
-        if teacher is None:
-            store.add_annotator(annotator)  # nobody logs in as the teacher
-            teacher = store.annotator_id(annotator)
-        for _, record in read_jsonl(out):
-            key = record_key(record)
-            if key not in human.keys:
-                continue
-            assignment = store.assign_extra(teacher, key)
-            try:
-                store.submit(teacher, assignment.id, Submission(record["ranking"]))
-                human.teacher_rankings += 1
-            except AlreadySubmitted:
-                human.conflicts += 1
+        human.teacher_rankings, human.conflicts = store.add_rankings(annotator, rankings)
     finally:
         store.close()
 

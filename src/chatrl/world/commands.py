@@ -1,7 +1,10 @@
-"""``chatrl world …``: write the bundled world's data sets and measure its simulated annotators.
+"""``chatrl world …``: write the bundled world's data sets and measure its simulated annotators;
+and ``chatrl label simulate``, where the world's annotators rank in the labeling app.
 
-``chatrl.cli`` mounts ``world_app``. The world itself is imported inside each command, so
-``chatrl --help`` stays fast.
+``chatrl.cli`` mounts ``world_app`` and adds ``label_simulate_cmd`` to ``chatrl label``: the
+labeling app never imports the world; this command, on top of both, hands the world's
+annotators to ``label.store.simulate`` as plain rank functions. The world itself is imported
+inside each command, so ``chatrl --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from chatrl.errors import UserError
+from chatrl.label.commands import DEFAULT_DB, DbOpt
 
 world_app = typer.Typer(
     help=(
@@ -121,3 +127,21 @@ def rank_cmd(
     rankings = label_tasks(load_tasks(data), default_annotators(seed))
     write_jsonl(out, (r.to_json() for r in rankings))
     typer.echo(f"{len(rankings)} rankings -> {out}")
+
+
+def label_simulate_cmd(
+    db: DbOpt = DEFAULT_DB,
+    annotators: Annotated[int, typer.Option(help="How many simulated annotators.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated annotators.")] = 0,
+) -> None:
+    """Let the bundled world's simulated annotators rank every waiting task.
+
+    They submit through the same code path as people do (for the demo and the tests)."""
+    from chatrl.label.store import LabelStore, simulate
+    from chatrl.world.annotators import default_annotators
+
+    team = default_annotators(seed)
+    if not 1 <= annotators <= len(team):
+        raise UserError(f"--annotators must be between 1 and {len(team)}")
+    done = simulate(LabelStore(db), {a.name: a.rank for a in team[:annotators]})
+    typer.echo(", ".join(f"{name}: {count} rankings" for name, count in done.items()))
