@@ -2,6 +2,7 @@ from chatrl.chat_format import (
     IGNORE_INDEX,
     encode_conversation,
     encode_prompt,
+    end_of_turn_id,
     pack,
     stop_token_ids,
 )
@@ -61,3 +62,34 @@ def test_packing_restarts_positions_and_ignores_boundary_labels(micro_model):
     assert [len(r.input_ids) for r in rows] == [2 * n, n]
     assert rows[0].position_ids == list(range(n)) * 2
     assert rows[0].labels[n] == IGNORE_INDEX
+
+
+GEMMA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) }}"
+    "{{ '\\n' + message['content'] + '<end_of_turn>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+def test_stop_tokens_come_from_the_template_and_the_generation_config(micro_model):
+    from transformers import GenerationConfig
+
+    tok = load_tokenizer(micro_model)
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = GEMMA_TEMPLATE
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    chatml_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_id(tok) == end
+    assert end in stop_token_ids(tok) and chatml_end not in stop_token_ids(tok)
+    config = GenerationConfig(eos_token_id=[7, 11])
+    assert set(stop_token_ids(tok, config)) == {end, tok.eos_token_id, 7, 11}
+    assert stop_token_ids(tok, GenerationConfig(eos_token_id=5)) == sorted(
+        {end, tok.eos_token_id, 5}
+    )
+    # A template that ends turns with plain text names no end-of-turn token: EOS only.
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    )
+    assert end_of_turn_id(tok) is None and stop_token_ids(tok) == [tok.eos_token_id]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jinja2 import TemplateError
+
 from chatrl.data import Message
 from chatrl.errors import UserError
 
@@ -48,15 +50,35 @@ def encode_prompt(tokenizer, messages: list[Message]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn: the end-of-turn marker and EOS, where present."""
-    ids = set()
-    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if isinstance(eot, int) and eot != tokenizer.unk_token_id:
-        ids.add(eot)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return sorted(ids)
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token that closes an assistant turn in the tokenizer's chat template
+    (``<|im_end|>`` in ChatML, ``<end_of_turn>`` in Gemma's, ``<|eot_id|>`` in Llama 3's):
+    the first token the template puts after an assistant reply, when it is a special token.
+    None without a template, or when the template closes turns with plain text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    reply = "Fine."
+    try:
+        text = render(tokenizer, [{"role": "user", "content": "Hi"}, _assistant(reply)])
+    except TemplateError:  # a template that refuses this conversation names no marker
+        return None
+    after = text[text.rindex(reply) + len(reply) :]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return ids[0] if ids and ids[0] in special else None
+
+
+def _assistant(content: str) -> Message:
+    return {"role": "assistant", "content": content}
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Token ids that end an assistant turn: the template's end-of-turn token, the tokenizer's
+    EOS and every ``eos_token_id`` of the model's generation config (an int or a list)."""
+    ids = {end_of_turn_id(tokenizer), tokenizer.eos_token_id}
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids |= set(eos) if isinstance(eos, list) else {eos}
+    return sorted(i for i in ids if i is not None)
 
 
 def assistant_spans(tokenizer, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:

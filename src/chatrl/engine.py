@@ -435,8 +435,9 @@ class Engine:
     """Batched generation with a KV cache for any Hugging Face causal LM (LoRA-wrapped too).
 
     The engine holds references, never copies: weights updated in place by training are used by
-    the next call. ``stop_token_ids`` (default: end-of-turn and EOS) end a response; set it to
-    an empty list to always generate ``max_new_tokens``. At most ``max_batch_size`` sequences
+    the next call. ``stop_token_ids`` (default: the template's end-of-turn token and every EOS
+    of the tokenizer and the generation config) end a response; set it to an empty list to
+    always generate ``max_new_tokens``. At most ``max_batch_size`` sequences
     (prompts times ``n``, but at least one prompt's ``n``) are generated at once; longer prompt
     lists run in chunks of prompts of similar length.
 
@@ -450,7 +451,9 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size = max_batch_size
         self.compile = compile
-        self.stop_token_ids: list[int] = stop_token_ids(tokenizer)
+        self.stop_token_ids: list[int] = stop_token_ids(
+            tokenizer, getattr(model, "generation_config", None)
+        )
         pad = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )

@@ -246,21 +246,27 @@ def _world_prompts(n: int, seed: int, split: str, path: Path) -> Path:
     return path
 
 
+def _stage_prompts(run: Run, stage: str, split: str) -> Path:
+    """The stage's prompts in ``RUN/<stage>/prompts.jsonl``: a copy of its ``prompts`` file,
+    or ``world_prompts`` prompts of the world's ``split``."""
+    from chatrl.data import load_prompts
+
+    section, path = getattr(run.cfg, stage), run.stage_dir(stage) / "prompts.jsonl"
+    if section.prompts:
+        write_jsonl(path, (p.to_json() for p in load_prompts(section.prompts)))
+        return path
+    return _world_prompts(section.world_prompts, run.cfg.seed, split, path)
+
+
 def run_sample(run: Run) -> None:
     """K responses per prompt from the SFT model: the tasks to rank."""
-    from chatrl.data import load_prompts
     from chatrl.engine import SamplingParams
     from chatrl.sample import sample_tasks
 
     cfg, out = run.cfg, run.stage_dir("sample")
-    prompts_path = out / "prompts.jsonl"
-    if cfg.sample.prompts:
-        write_jsonl(prompts_path, (p.to_json() for p in load_prompts(cfg.sample.prompts)))
-    else:
-        _world_prompts(cfg.sample.world_prompts, cfg.seed, "rank", prompts_path)
     sample_tasks(
         model=run.dir / "sft",
-        prompts=prompts_path,
+        prompts=_stage_prompts(run, "sample", "rank"),
         out=out / "tasks.jsonl",
         k=cfg.sample.k,
         params=SamplingParams(
@@ -315,16 +321,11 @@ def run_rm(run: Run) -> None:
 
 
 def run_ppo(run: Run) -> None:
-    from chatrl.data import load_prompts
     from chatrl.train.ppo import train_ppo
     from chatrl.world import rollout_gold_score
 
-    cfg, out = run.cfg, run.stage_dir("ppo")
-    prompts_path = out / "prompts.jsonl"
-    if cfg.ppo.prompts:
-        write_jsonl(prompts_path, (p.to_json() for p in load_prompts(cfg.ppo.prompts)))
-    else:
-        _world_prompts(cfg.ppo.world_prompts, cfg.seed, "train", prompts_path)
+    cfg = run.cfg
+    _stage_prompts(run, "ppo", "train")
     settings = _stage_settings(cfg, "ppo", run.dir)
     settings.resume = True
     # In the world, PPO logs the gold score of its rollouts: over-optimisation shows.
