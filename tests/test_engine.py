@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     MistralConfig,
     MistralForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -46,10 +50,16 @@ def small_model(kind: str, vocab_size: int):
     )
     if kind == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**shape)).eval()
+    if kind == "gemma":
+        # (1 + w) RMSNorm, embeddings scaled by sqrt(hidden), GELU MLP, tied head.
+        return GemmaForCausalLM(GemmaConfig(**shape, head_dim=8)).eval()
+    if kind == "phi":
+        # LayerNorm, attention and MLP in parallel off one norm, partial rotary, untied head.
+        return PhiForCausalLM(PhiConfig(**shape, partial_rotary_factor=0.5)).eval()
     return MistralForCausalLM(MistralConfig(**shape, sliding_window=64)).eval()
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "qwen2", "mistral"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "qwen2", "mistral", "gemma", "phi"])
 def any_model(request, llama):
     _, tokenizer = llama
     if request.param == "llama":
