@@ -5,6 +5,7 @@ Every loader takes a model directory, a hub id or a GGUF file (``resolve_model``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -26,7 +27,8 @@ from transformers import (
 from chatrl.chat_format import CHATML_TEMPLATE, END_OF_TURN
 from chatrl.errors import UserError
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", END_OF_TURN]
+CHATML_TOKENS = ["<|im_start|>", END_OF_TURN]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", *CHATML_TOKENS]
 
 # Llama-architecture size presets (parameter counts with the preset's default vocabulary).
 PRESETS: dict[str, dict[str, int]] = {
@@ -87,7 +89,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
         bos_token=None,
         eos_token="<|endoftext|>",
         pad_token="<|pad|>",
-        additional_special_tokens=["<|im_start|>", END_OF_TURN],
+        additional_special_tokens=CHATML_TOKENS,
     )
     fast.chat_template = CHATML_TEMPLATE
     return fast
@@ -231,21 +233,53 @@ def _check_dir(path: str | Path) -> None:
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer of a model directory, hub id or GGUF file, with a pad token guaranteed."""
+    """The tokenizer of a model directory, hub id or GGUF file, with a pad token and a chat
+    template guaranteed: a base model's tokenizer without one gets ChatML (``use_chatml``)."""
     path = resolve_model(path)
     _check_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if not getattr(tokenizer, "chat_template", None):
+        use_chatml(tokenizer, path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def use_chatml(tokenizer, path: str | Path) -> None:
+    """Give a tokenizer without a chat template (a base model, an encoder) ChatML, adding its
+    ``<|im_start|>`` and ``<|im_end|>`` tokens where the vocabulary lacks them.
+
+    Every stage loads tokenizers here, so all of them render one format, and the template
+    (with the tokens) is saved with what they write; ``fit_embeddings`` grows the model.
+    """
+    tokenizer.chat_template = CHATML_TEMPLATE
+    missing = [t for t in CHATML_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    added = f", adding {' and '.join(missing)}" if missing else ""
+    _say_once(f"{path}: no chat template; using ChatML{added}")
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    """Print a notice on stderr once per process (a stage loads one tokenizer several times)."""
+    print(message, file=sys.stderr)
+
+
+def fit_embeddings(model, tokenizer) -> None:
+    """Grow the model's embeddings (and tied head) to tokens the tokenizer added (ChatML's)."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
     """A causal LM and its tokenizer (from a model directory, hub id or GGUF file)."""
     path = resolve_model(path)
     _check_dir(path)
+    tokenizer = load_tokenizer(path)  # first: a bad tokenizer fails before the model loads
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model, load_tokenizer(path)
+    fit_embeddings(model, tokenizer)
+    return model, tokenizer
 
 
 def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -258,6 +292,7 @@ def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32):
     _check_dir(path)
     tokenizer = load_tokenizer(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    fit_embeddings(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 

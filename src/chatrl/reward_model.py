@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_layers import GenericForSequenceClassification
 
-from chatrl.chat_format import CHATML_TEMPLATE, render
+from chatrl.chat_format import render
 from chatrl.data import (
     Message,
     load_conversations,
@@ -55,15 +55,6 @@ REWARD_MEAN, REWARD_STD = "chatrl_reward_mean", "chatrl_reward_std"
 
 
 # ---------------------------------------------------------------- encoding
-
-
-def ensure_chat_template(tokenizer) -> None:
-    """Give a tokenizer without a chat template (an encoder checkpoint) ChatML.
-
-    The template is saved with the reward model's tokenizer, so scoring renders the same way.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = CHATML_TEMPLATE
 
 
 @dataclass
@@ -150,7 +141,6 @@ def encode_scored(
 def load_reward(path: str | Path):
     """The reward model to train, its tokenizer and context length; dropout off (as TRL)."""
     model, tokenizer = load_reward_model(path)
-    ensure_chat_template(tokenizer)
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
