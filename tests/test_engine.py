@@ -328,6 +328,33 @@ def test_peft_models_and_in_place_weight_updates_are_seen(micro_model):
     assert [c.token_ids for c in engine.generate(prompts, params)] != base
 
 
+def test_fused_weights_are_reused_until_a_weight_changes(micro_model, monkeypatch):
+    from chatrl import engine as engine_module
+
+    model, tokenizer = load_causal_lm(micro_model)
+    model.requires_grad_(False)  # frozen, as load_engine leaves it
+    built = []
+    fuse = engine_module.fuse
+    monkeypatch.setattr(engine_module, "fuse", lambda lm: built.append(1) or fuse(lm))
+    engine = no_stops(model.eval(), tokenizer)
+    prompts = encode(tokenizer, PROMPTS)
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    first = [c.token_ids for c in engine.generate(prompts, params)]
+    assert [c.token_ids for c in engine.generate(prompts, params)] == first
+    assert len(built) == 1  # nothing changed: the fused copy is reused
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(-3)  # in place, as an optimiser step
+    changed = [c.token_ids for c in engine.generate(prompts, params)]
+    assert len(built) == 2
+    assert changed == [c.token_ids for c in no_stops(model, tokenizer).generate(prompts, params)]
+    assert changed != first
+    model.requires_grad_(True)  # trainable: rebuilt every call (fused AdamW bumps no version)
+    before = len(built)
+    engine.generate(prompts, params)
+    engine.generate(prompts, params)
+    assert len(built) == before + 2
+
+
 def test_generate_chat_renders_the_template(llama):
     model, tokenizer = llama
     engine = no_stops(model, tokenizer)

@@ -18,9 +18,8 @@ from rich.console import Console
 from rich.progress import Progress
 
 from chatrl.data import Prompt, Task, load_prompts, write_jsonl
-from chatrl.engine import Engine, SamplingParams
+from chatrl.engine import Engine, SamplingParams, load_engine
 from chatrl.errors import UserError
-from chatrl.models import load_causal_lm
 
 MAX_REDRAWS = 3
 # Engine batches of prompts sampled together, so that the prompts whose samples repeat are
@@ -91,8 +90,7 @@ def sample_tasks(
         raise UserError("--temperature 0 is greedy: every response would be the same")
     params.check()
     loaded = load_prompts(prompts)
-    policy, tokenizer = load_causal_lm(model)
-    draw = _Sampler(Engine(policy, tokenizer, max_batch_size=batch_size), params, params.seed)
+    draw = _Sampler(load_engine(model, max_batch_size=batch_size), params, params.seed)
     per_round = max(1, batch_size // k) * BATCHES_PER_ROUND
     tasks: list[Task] = []
     with Progress(console=console or Console(stderr=True)) as progress:
