@@ -94,6 +94,30 @@ def matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> f
     return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
 
 
+def copy_bandwidth(megabytes: int = 512, seconds: float = 1.0) -> float:
+    """Measured memory bandwidth in GB/s: bytes read plus bytes written by a large tensor copy
+    (far beyond the caches), the ceiling of a decode step that reads every weight once."""
+    src = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        dst.copy_(src)
+        n += 1
+    return 2 * src.nbytes * n / (time.perf_counter() - start) / 1e9
+
+
+def load_bench_model(path: str | None):
+    """``--model PATH`` (a directory, hub id or .gguf file) and its tokenizer; or the bench
+    model."""
+    if path is None:
+        tokenizer = bench_tokenizer()
+        return bench_model(tokenizer), tokenizer
+    from chatrl.models import load_causal_lm
+
+    return load_causal_lm(path)
+
+
 def add_precision(parser: argparse.ArgumentParser) -> None:
     """``--precision {auto,fp32,bf16}``, default auto."""
     parser.add_argument(

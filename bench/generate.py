@@ -15,6 +15,12 @@ where the hardware runs bf16 natively (--precision bf16 forces it, --dtypes choo
     python bench/generate.py --dtypes bf16       # bf16 only
     python bench/generate.py --threads 1         # steadier on a machine shared with others
     python bench/generate.py --profile 16        # where the engine's time goes, batch 16
+    python bench/generate.py --model X.gguf      # a real model (a directory or a .gguf file)
+
+Rooflines, measured in the same run: at batch 1 a decode step reads every weight once, so
+weight bytes x tokens/s over the measured copy bandwidth is the fraction of the memory roofline
+reached; 2 x parameters x tokens/s over the measured matmul peak is the fraction of compute. Weights
+that fit in the CPU's caches (the 42 MB bench model) read faster than memory: over 100%.
 """
 
 from __future__ import annotations
@@ -136,17 +142,19 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--profile", type=int, metavar="BATCH", help="profile the engine instead")
+    parser.add_argument("--model", help="a model directory or .gguf file (default: bench model)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     precision = common.resolve_precision(args.precision, "bench/generate.py")
     dtypes = args.dtypes or ("fp32,bf16" if precision == "bf16" else "fp32")
 
-    tokenizer = common.bench_tokenizer()
-    model = common.bench_model(tokenizer).eval()
+    model, tokenizer = common.load_bench_model(args.model)
+    model.eval().requires_grad_(False)  # frozen, as `chatrl sample` loads it
     sizes = [len(p) for p in prompts(tokenizer, 64)]
+    parameters = sum(p.numel() for p in model.parameters())
     print(
-        f"bench model {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+        f"{args.model or 'bench model'}: {parameters / 1e6:.2f} M parameters, "
         f"prompts {min(sizes)}-{max(sizes)} tokens (mean {statistics.mean(sizes):.1f}), "
         f"{NEW_TOKENS} new tokens, {torch.get_num_threads()} threads",
         flush=True,
@@ -154,25 +162,38 @@ def main() -> None:
     if args.profile:
         profile(model, tokenizer, args.profile)
         return
-    results = {}
+    results, rooflines = {}, {"bandwidth_gb_s": round(common.copy_bandwidth(), 1)}
     print(
         f"{'dtype':>5} {'batch':>5} {'generate tok/s':>15} {'engine tok/s':>13} {'ratio':>6} "
-        f"{'compiled tok/s':>15} {'ratio':>6}"
+        f"{'compiled tok/s':>15} {'ratio':>6} {'of bandwidth':>12} {'of peak':>8}"
     )
     for dtype_name in dtypes.split(","):
-        model.to(common.DTYPES[dtype_name])
+        dtype = common.DTYPES[dtype_name]
+        model.to(dtype)
+        peak = common.matmul_peak(dtype)
+        rooflines[f"{dtype_name}_matmul_peak_gflops"] = round(peak, 1)
+        weight_bytes = parameters * torch.finfo(dtype).bits // 8
         for batch_size in map(int, args.batch_sizes.split(",")):
             r = compare(model, tokenizer, batch_size, args.reps)
-            results[f"{dtype_name}_batch{batch_size}"] = {k: round(v, 2) for k, v in r.items()}
+            # A decode step reads the weights once for the whole batch; tokens/s / batch steps.
+            r["of_bandwidth"] = (
+                weight_bytes * r["engine"] / batch_size / 1e9 / rooflines["bandwidth_gb_s"]
+            )
+            r["of_peak"] = 2 * parameters * r["engine"] / 1e9 / peak
+            results[f"{dtype_name}_batch{batch_size}"] = {k: round(v, 3) for k, v in r.items()}
             print(
                 f"{dtype_name:>5} {batch_size:>5} {r['generate']:>15.0f} {r['engine']:>13.0f} "
-                f"{r['ratio']:>5.2f}x {r['compiled']:>15.0f} {r['compiled_ratio']:>5.2f}x",
+                f"{r['ratio']:>5.2f}x {r['compiled']:>15.0f} {r['compiled_ratio']:>5.2f}x "
+                f"{r['of_bandwidth']:>12.0%} {r['of_peak']:>8.0%}",
                 flush=True,
             )
     common.print_result(
         {
             "bench": "generate",
+            "model": args.model or "bench",
+            "parameters": parameters,
             "new_tokens": NEW_TOKENS,
+            "rooflines": rooflines,
             "threads": torch.get_num_threads(),
             "results": results,
         },
