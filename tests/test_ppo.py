@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from chatrl.config import LMConfig, PPOConfig
 from chatrl.data import load_prompts
-from chatrl.engine import Engine, SamplingParams
+from chatrl.engine import Engine
 from chatrl.models import init_model, load_causal_lm, load_reward_model, save_model
 from chatrl.reward_model import RewardScorer
 from chatrl.train import ppo
@@ -30,7 +30,7 @@ from chatrl.train.ppo import (
     per_token_rewards,
     policy_loss,
     reference_logprobs,
-    sample_and_score,
+    sample_responses,
     token_logprobs,
     train_ppo,
     value_loss,
@@ -181,11 +181,10 @@ def test_adaptive_kl_controller_follows_ziegler_et_al():
 
 
 def test_rollouts_are_scored_by_the_normalised_reward_model(setup):
-    models = build_models(setup, PPOConfig(**setup, out="unused"))
+    cfg = PPOConfig(**setup, out="unused", response_length=8)
+    models = build_models(setup, cfg)
     prompts = load_prompts(setup["prompts"])[:6]
-    prompt_ids = [ppo.encode_prompt(models.tokenizer, p.messages) for p in prompts]
-    params = SamplingParams(max_new_tokens=8, seed=3)
-    s = sample_and_score(models, prompts, prompt_ids, params, NoAccelerate(), None)
+    s = sample_responses(models, cfg, prompts, 1, 3, NoAccelerate(), ppo.Stopwatch())
     texts = [c.text for c in s.completions]
     raw = RewardScorer(setup["reward"], device="cpu").score(
         [p.messages for p in prompts], texts, raw=True
@@ -197,12 +196,12 @@ def test_kl_penalty_is_zero_when_the_policy_is_the_reference(setup, tmp_path):
     cfg = ppo_config(setup, tmp_path)
     models = build_models(setup, cfg)
     prompts = load_prompts(setup["prompts"])[:8]
-    ids = [ppo.encode_prompt(models.tokenizer, p.messages) for p in prompts]
-    s = sample_and_score(models, prompts, ids, SamplingParams(12, seed=1), NoAccelerate(), None)
+    s = sample_responses(models, cfg, prompts, 1, 1, NoAccelerate(), ppo.Stopwatch())
     assert (s.logprobs - s.ref_logprobs).mul(s.mask).abs().max() < 1e-4
     rewards = per_token_rewards(s.logprobs, s.ref_logprobs, s.scores, s.mask, kl_coef=0.5)
     assert torch.allclose(rewards.sum(1), s.scores, atol=1e-4)
-    assert abs(s.metrics["kl"]) < 1e-3 and abs(s.metrics["kl_k3"]) < 1e-6
+    metrics = ppo.response_metrics(s)
+    assert abs(metrics["kl"]) < 1e-3 and abs(metrics["kl_k3"]) < 1e-6
 
 
 def test_ratio_is_one_on_the_first_mini_batch(setup, tmp_path):
@@ -210,10 +209,9 @@ def test_ratio_is_one_on_the_first_mini_batch(setup, tmp_path):
     cfg = ppo_config(setup, tmp_path, samples_per_prompt=2)
     models = build_models(setup, cfg)
     prompts = load_prompts(setup["prompts"])[:4]
-    ids = [ppo.encode_prompt(models.tokenizer, p.messages) for p in prompts]
-    rollout, _, _ = collect_rollout(models, cfg, prompts, ids, 0.05, 3, NoAccelerate())
+    rollout, _ = collect_rollout(models, cfg, prompts, 0.05, 3, NoAccelerate(), ppo.Stopwatch())
     first = rollout.rows(torch.randperm(8)[:4])
-    logits, values, _ = models.actor_critic(first.input_ids, first.index)
+    logits, values = models.actor_critic(first.input_ids, first.index)
     log_ratio = (token_logprobs(logits, first.tokens) - first.logprobs) * first.mask
     assert log_ratio.abs().max() < 1e-5
     # ... and the critic's values are those the advantages were computed with.
@@ -226,8 +224,7 @@ def test_ptx_loss_is_the_language_model_loss(setup, tmp_path):
     data = write_sft(tmp_path / "sft.jsonl", 16)
     rows = ppo.load_ptx_rows(str(data), models.tokenizer, 64)
     ids, labels = ppo.ptx_batch(rows, 4, 0, models.tokenizer.pad_token_id, "cpu")
-    dummy = torch.zeros(4, 1, dtype=torch.long)
-    _, _, ptx_loss = models.actor_critic(ids, dummy, ptx_ids=ids, ptx_labels=labels)
+    ptx_loss = ppo.ptx_loss(models.actor_critic.policy, ids, labels)
     expected = models.actor_critic.policy(input_ids=ids, labels=labels).loss
     assert ptx_loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -277,18 +274,17 @@ def test_lora_value_head_run_keeps_the_sft_model_as_reference(setup, tmp_path):
 
 
 def test_reference_with_lora_is_the_policy_with_adapters_off(setup, tmp_path):
-    cfg = ppo_config(setup, tmp_path, use_peft=True)
+    cfg = ppo_config(setup, tmp_path, use_peft=True, response_length=8)
     models = build_models(setup, cfg)
     with torch.no_grad():
         for name, p in models.actor_critic.policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # adapters now change the policy
     prompts = load_prompts(setup["prompts"])[:4]
-    ids = [ppo.encode_prompt(models.tokenizer, p.messages) for p in prompts]
-    s = sample_and_score(models, prompts, ids, SamplingParams(8, seed=1), NoAccelerate(), None)
+    s = sample_responses(models, cfg, prompts, 1, 1, NoAccelerate(), ppo.Stopwatch())
     sft, _ = load_causal_lm(setup["policy"])
     expected = ppo.policy_logprobs(sft, s.input_ids, s.index, s.tokens)
-    got = reference_logprobs(models, s.input_ids, s.index, s.tokens)
+    got = reference_logprobs(models, s)
     assert ((got - expected) * s.mask).abs().max() < 1e-5
     assert ((s.logprobs - expected) * s.mask).abs().max() > 1e-2
 
