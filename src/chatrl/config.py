@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
@@ -30,17 +30,46 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class LMConfig(StageConfig):
-    """Settings of the language-model trainer (``chatrl pretrain`` and ``chatrl sft``)."""
+# Shared keys whose default differs by stage: the type holds the checks and the description,
+# and a stage redeclares the key with its own default.
+LearningRate = Annotated[float, Field(gt=0, description="peak AdamW learning rate")]
+WarmupRatio = Annotated[float, Field(ge=0, le=1, description="share of steps for linear warm-up")]
+SaveSteps = Annotated[int, Field(gt=0, description="checkpoint every N updates")]
 
-    model: str = Field(description="model directory, hub id or GGUF file to start from")
-    data: str = Field(description="training data: JSONL conversations (sft) or text (pretrain)")
-    out: str = Field(description="output directory for the trained model")
-    eval_data: str | None = Field(None, description="held-out data for the periodic eval loss")
-    seed: int = Field(0, description="random seed (data order, init, dropout)")
-    max_length: int = Field(256, gt=0, description="tokens per row; longer examples are cut")
+
+class TrainConfig(StageConfig):
+    """The keys every trainer shares (``chatrl.train.loop.start_run`` reads them): output, seed,
+    optimiser and schedule, length, precision, LoRA, evaluation and checkpoints."""
+
+    out: str = Field(description="output directory: the trained model, its metrics, checkpoints")
+    seed: int = Field(0, description="random seed (data order, new weights, sampling, dropout)")
+    learning_rate: LearningRate = 1e-4
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_ratio: WarmupRatio = 0.05
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    num_train_epochs: float = Field(1.0, gt=0, description="passes over the training data")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many updates")
+    bf16: Precision = Field("auto", description=BF16_HELP)
+    use_peft: bool = Field(
+        False,
+        description="train LoRA adapters instead of all weights (rm: and the head; ppo: the "
+        "reference is the policy with its adapters off)",
+    )
+    lora_r: int = Field(16, gt=0, description="LoRA rank")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    eval_steps: int = Field(
+        0, ge=0, description="evaluate every N updates (0: at the end only; ppo: also at the start)"
+    )
+    save_steps: SaveSteps = 200
+    resume: bool = Field(False, description="continue from the last checkpoint in --out")
+
+
+class BatchConfig(TrainConfig):
+    """A trainer over a fixed data set, one global batch of micro-batches per update."""
+
     per_device_train_batch_size: int = Field(
-        16, gt=0, description="rows per forward pass (micro-batch) on each process"
+        16, gt=0, description="examples per forward pass (micro-batch) on each process"
     )
     gradient_accumulation_steps: int = Field(
         1,
@@ -48,36 +77,31 @@ class LMConfig(StageConfig):
         description="micro-batches per update: the global batch is this times "
         "per_device_train_batch_size whatever the number of processes (they split it)",
     )
-    learning_rate: float = Field(1e-3, gt=0, description="peak AdamW learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    warmup_ratio: float = Field(0.05, ge=0, le=1, description="share of steps for linear warm-up")
-    num_train_epochs: float = Field(1.0, gt=0, description="passes over the data")
-    max_steps: int | None = Field(None, gt=0, description="stop after this many updates")
-    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
-    bf16: Precision = Field("auto", description=BF16_HELP)
     fsdp: bool = Field(
         False,
         description="shard weights, gradients and optimiser state over the processes (FSDP) "
         "instead of a full copy on each (DDP); see docs/scaling.md",
     )
-    packing: bool = Field(False, description="pack short examples into full rows")
-    use_peft: bool = Field(False, description="train LoRA adapters instead of all weights")
-    lora_r: int = Field(16, gt=0, description="LoRA rank")
-    lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
     logging_steps: int = Field(10, gt=0, description="log metrics every N updates")
-    eval_steps: int = Field(0, ge=0, description="eval loss every N updates (0: at the end only)")
-    save_steps: int = Field(200, gt=0, description="checkpoint every N updates")
-    resume: bool = Field(False, description="continue from the last checkpoint in --out")
 
 
-class PPOConfig(StageConfig):
+class LMConfig(BatchConfig):
+    """Settings of the language-model trainer (``chatrl pretrain`` and ``chatrl sft``)."""
+
+    model: str = Field(description="model directory, hub id or GGUF file to start from")
+    data: str = Field(description="training data: JSONL conversations (sft) or text (pretrain)")
+    eval_data: str | None = Field(None, description="held-out data for the periodic eval loss")
+    max_length: int = Field(256, gt=0, description="tokens per row; longer examples are cut")
+    packing: bool = Field(False, description="pack short examples into full rows")
+    learning_rate: LearningRate = 1e-3
+
+
+class PPOConfig(TrainConfig):
     """Settings of ``chatrl ppo`` (stage 3); docs/ppo.md gives the reasons for the defaults."""
 
     policy: str = Field(description="SFT model directory: the starting policy and the reference")
     reward: str = Field(description="reward model directory (from `chatrl rm`)")
     prompts: str = Field(description="JSONL prompts to roll out on")
-    out: str = Field(description="output directory for the trained policy")
     value_model: str | None = Field(
         None, description="directory to start the critic from (default: the reward model)"
     )
@@ -85,17 +109,13 @@ class PPOConfig(StageConfig):
         False, description="value head on the policy instead of a separate critic (less memory)"
     )
     eval_prompts: str | None = Field(None, description="held-out JSONL prompts for evaluation")
-    eval_steps: int = Field(0, ge=0, description="evaluate every N updates (0: start and end)")
-    seed: int = Field(0, description="random seed (prompt order, sampling, mini-batches)")
     rollout_batch_size: int = Field(64, gt=0, description="responses sampled per update")
     samples_per_prompt: int = Field(1, gt=0, description="responses per prompt in a rollout")
     num_ppo_epochs: int = Field(4, gt=0, description="passes over each rollout batch")
     num_mini_batches: int = Field(2, gt=0, description="optimiser steps per PPO epoch")
-    learning_rate: float = Field(2e-5, gt=0, description="policy AdamW learning rate")
+    learning_rate: LearningRate = Field(2e-5, description="policy AdamW learning rate")
     value_learning_rate: float = Field(1e-4, gt=0, description="critic AdamW learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    warmup_ratio: float = Field(0.0, ge=0, le=1, description="share of steps for linear warm-up")
-    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    warmup_ratio: WarmupRatio = 0.0
     response_length: int = Field(48, gt=0, description="most tokens per sampled response")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of rollouts")
     kl_coef: float = Field(0.05, ge=0, description="β: per-token KL penalty (initial if adaptive)")
@@ -122,23 +142,14 @@ class PPOConfig(StageConfig):
     ptx_coef: float = Field(0.2, ge=0, description="PPO-ptx: γ, weight of that loss")
     ptx_batch_size: int = Field(8, gt=0, description="PPO-ptx: rows per mini-batch")
     ptx_max_length: int = Field(256, gt=0, description="PPO-ptx: tokens per row")
-    num_train_epochs: float = Field(1.0, gt=0, description="passes over the prompts")
-    max_steps: int | None = Field(None, gt=0, description="stop after this many updates")
-    bf16: Precision = Field("auto", description=BF16_HELP)
-    use_peft: bool = Field(False, description="train LoRA adapters; reference = adapters off")
-    lora_r: int = Field(16, gt=0, description="LoRA rank")
-    lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
-    save_steps: int = Field(20, gt=0, description="checkpoint every N updates")
-    resume: bool = Field(False, description="continue from the last checkpoint in --out")
+    save_steps: SaveSteps = 20
 
 
-class RMConfig(StageConfig):
+class RMConfig(BatchConfig):
     """Settings of the reward-model trainer (``chatrl rm``)."""
 
     model: str = Field(description="SFT model (or any causal LM / encoder) to start from")
     data: str = Field(description="rankings, TRL preference pairs or HH-RLHF pairs (JSONL)")
-    out: str = Field(description="output directory for the reward model")
     eval_data: str | None = Field(
         None,
         validation_alias=AliasChoices("eval_data", "eval"),
@@ -149,47 +160,17 @@ class RMConfig(StageConfig):
         description="training prompts: normalise rewards over SFT samples for them "
         "(default: over the responses in --data)",
     )
-    seed: int = Field(0, description="random seed (data order, head init)")
     max_length: int | None = Field(
         None, gt=0, description="tokens per prompt + response (default: the model's context)"
     )
-    per_device_train_batch_size: int = Field(
-        16, gt=0, description="rankings per forward pass (micro-batch) on each process"
-    )
-    gradient_accumulation_steps: int = Field(
-        1,
-        gt=0,
-        description="micro-batches per update: the global batch is this times "
-        "per_device_train_batch_size whatever the number of processes (they split it)",
-    )
-    learning_rate: float = Field(1e-4, gt=0, description="peak AdamW learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    warmup_ratio: float = Field(0.05, ge=0, le=1, description="share of steps for linear warm-up")
-    num_train_epochs: float = Field(1.0, gt=0, description="passes over the rankings")
-    max_steps: int | None = Field(None, gt=0, description="stop after this many updates")
-    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     margin: float = Field(
         0.0, ge=0, description="margin per rank of distance: r_w - r_l must exceed margin * d"
     )
     center_rewards_coefficient: float = Field(
         0.0, ge=0, description="penalty on (r_w + r_l)^2 that keeps rewards centred (TRL's)"
     )
-    bf16: Precision = Field("auto", description=BF16_HELP)
-    fsdp: bool = Field(
-        False,
-        description="shard weights, gradients and optimiser state over the processes (FSDP) "
-        "instead of a full copy on each (DDP); see docs/scaling.md",
-    )
-    use_peft: bool = Field(False, description="train LoRA adapters (and the head) only")
-    lora_r: int = Field(16, gt=0, description="LoRA rank")
-    lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
     max_new_tokens: int = Field(64, gt=0, description="length of the normalisation samples")
     temperature: float = Field(1.0, ge=0, description="temperature of the normalisation samples")
-    logging_steps: int = Field(10, gt=0, description="log metrics every N updates")
-    eval_steps: int = Field(0, ge=0, description="evaluate every N updates (0: at the end only)")
-    save_steps: int = Field(200, gt=0, description="checkpoint every N updates")
-    resume: bool = Field(False, description="continue from the last checkpoint in --out")
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
@@ -269,9 +250,15 @@ def load_stage(
 
 
 def describe(cls: type[StageConfig]) -> str:
-    """One line per key (flag, default, description), for ``--help``."""
+    """One line per key (flag, default, description), for ``--help``: required keys first, then
+    the stage's own, then those it shares with other stages (from a base class)."""
+    shared = {name for base in cls.__mro__[1:] for name in getattr(base, "model_fields", {})}
     lines = []
-    for name, field in cls.model_fields.items():
+    order = sorted(
+        cls.model_fields, key=lambda k: (not cls.model_fields[k].is_required(), k in shared)
+    )
+    for name in order:
+        field = cls.model_fields[name]
         flag = "--" + name.replace("_", "-")
         default = "required" if field.is_required() else f"default {field.default!r}"
         lines.append(f"* `{flag}` ({default}): {field.description or ''}")
