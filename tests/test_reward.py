@@ -15,7 +15,7 @@ from chatrl.config import RMConfig
 from chatrl.data import Ranking, load_rankings
 from chatrl.errors import UserError
 from chatrl.reward_model import RewardScorer
-from chatrl.train import reward
+from chatrl.train import loop
 from chatrl.train.reward import (
     Group,
     build_groups,
@@ -380,17 +380,17 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_does(
     )  # fmt: skip
     straight = train_reward(RMConfig(**common, out=str(tmp_path / "a")))
 
-    save = reward.save_checkpoint
+    save = loop.save_checkpoint
 
     def save_then_die(accelerator, out, state, world_size):
         save(accelerator, out, state, world_size)
         if state.step == 4:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(reward, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_reward(RMConfig(**common, out=str(tmp_path / "b")))
-    monkeypatch.setattr(reward, "save_checkpoint", save)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
     with pytest.raises(UserError, match="--resume"):
         train_reward(RMConfig(**common, out=str(tmp_path / "b")))
     resumed = train_reward(RMConfig(**common, out=str(tmp_path / "b"), resume=True))

@@ -28,29 +28,12 @@ from chatrl.data import load_conversations, load_text
 from chatrl.errors import UserError
 from chatrl.models import load_causal_lm, save_model
 from chatrl.train.loop import (
-    MetricsLog,
-    TrainerState,
-    accumulate,
     add_lora,
-    check_replicas,
-    decide_precision,
-    global_batches,
-    load_checkpoint,
-    make_accelerator,
-    make_optimizer,
-    make_scheduler,
+    batch_schedule,
     micro_batches,
-    prepare,
-    process_micro_batches,
     process_sum,
-    progress_bar,
-    refuse_unfinished_run,
-    remove_checkpoint,
-    save_checkpoint,
-    seed_everything,
+    start_run,
     train_autocast,
-    trained_module,
-    write_train_config,
 )
 
 
@@ -153,49 +136,27 @@ def build_model(cfg: LMConfig):
 
 def train_lm(cfg: LMConfig, kind: str) -> Path:
     """Pretrain (``kind="pretrain"``) or fine-tune (``kind="sft"``) a causal LM; return --out."""
-    out = Path(cfg.out)
-    refuse_unfinished_run(out, cfg.resume)
-    cfg = decide_precision(cfg, kind)
-    accelerator = make_accelerator(cfg.bf16, cfg.fsdp)
-    seed_everything(cfg.seed)
+    run = start_run(cfg, kind)
+    cfg, accelerator = run.cfg, run.accelerator
     model, tokenizer = build_model(cfg)
-    seed_everything(cfg.seed, accelerator.process_index)
+    run.seed_process()
     rows = build_rows(cfg, tokenizer, kind, cfg.data)
     eval_rows = build_rows(cfg, tokenizer, kind, cfg.eval_data) if cfg.eval_data else []
-
-    # The global batch is the same however many processes share it (docs/scaling.md).
-    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    schedule = global_batches(len(rows), global_batch, cfg.seed, cfg.num_train_epochs)
-    if cfg.max_steps is not None:
-        schedule = schedule[: cfg.max_steps]
-    loss_module = CausalLMLoss(model)
-    optimizer = make_optimizer(loss_module, cfg.learning_rate, cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, len(schedule), cfg.warmup_ratio)
-    loss_module, optimizer = prepare(accelerator, loss_module, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-
-    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
-    state = (load_checkpoint(accelerator, out) if cfg.resume else None) or TrainerState()
-    log.truncate_after(state.step)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_train_config(out, kind, cfg)
+    schedule = batch_schedule(cfg, len(rows))
+    loss_module, optimizer, scheduler = run.prepare(CausalLMLoss(model), len(schedule))
+    start = run.begin()
 
     pad_id = tokenizer.pad_token_id
     loss_module.train()
     tokens_seen, started = 0, time.perf_counter()
-    with progress_bar(accelerator.is_main_process) as bar:
-        task = bar.add_task(kind, total=len(schedule), completed=state.step, info="")
-        for step in range(state.step, len(schedule)):
+    with run.progress(len(schedule)) as show:
+        for step in range(start, len(schedule)):
             global_rows = [rows[i] for i in schedule[step]]
             # Every process divides by the global target count; DDP averages gradients over
             # processes, so scale back up by their number.
             scale = accelerator.num_processes / max(target_count(global_rows), 1)
-            pieces = process_micro_batches(
-                schedule[step], cfg.per_device_train_batch_size, accelerator
-            )
             loss_total = 0.0
-            for micro, weight in accumulate(accelerator, loss_module, pieces, schedule[step][:1]):
+            for micro, weight in run.accumulate(loss_module, schedule[step]):
                 tensors = collate([rows[i] for i in micro], pad_id)
                 tensors = {k: v.to(accelerator.device) for k, v in tensors.items()}
                 with train_autocast(accelerator, tensors["input_ids"]):
@@ -203,21 +164,14 @@ def train_lm(cfg: LMConfig, kind: str) -> Path:
                 accelerator.backward(loss_sum * scale * weight)
                 loss_total += loss_sum.item() * scale * weight / accelerator.num_processes
                 tokens_seen += sum(len(rows[i].input_ids) for i in micro) * weight
-            grad_norm = accelerator.clip_grad_norm_(loss_module.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            check_replicas(accelerator, loss_module, step + 1)
+            done = step + 1
+            grad_norm = run.optimizer_step(loss_module, optimizer, scheduler, done)
             (loss_total,) = process_sum(accelerator, loss_total)
 
-            done = step + 1
-            elapsed = time.perf_counter() - started
-            tokens_per_s = tokens_seen * accelerator.num_processes / elapsed
-            bar.update(
-                task, completed=done, info=f"loss {loss_total:.3f}  {tokens_per_s:,.0f} tok/s"
-            )
+            tokens_per_s = tokens_seen * accelerator.num_processes / (time.perf_counter() - started)
+            show(done, f"loss {loss_total:.3f}  {tokens_per_s:,.0f} tok/s")
             if done % cfg.logging_steps == 0 or done == len(schedule):
-                log.log(
+                run.log.log(
                     done,
                     loss=loss_total,
                     grad_norm=float(grad_norm),
@@ -225,22 +179,17 @@ def train_lm(cfg: LMConfig, kind: str) -> Path:
                     tokens_per_s=tokens_per_s,
                 )
             if eval_rows and cfg.eval_steps and done % cfg.eval_steps == 0:
-                log.log(
-                    done,
-                    eval_loss=eval_loss(loss_module, eval_rows, cfg, pad_id, accelerator),
+                run.log.log(
+                    done, eval_loss=eval_loss(loss_module, eval_rows, cfg, pad_id, accelerator)
                 )
-            if done % cfg.save_steps == 0 and done < len(schedule):
-                save_checkpoint(accelerator, out, TrainerState(done), accelerator.num_processes)
+            run.maybe_checkpoint(done, len(schedule))
 
     if eval_rows:
-        log.log(
-            len(schedule),
-            eval_loss=eval_loss(loss_module, eval_rows, cfg, pad_id, accelerator),
+        run.log.log(
+            len(schedule), eval_loss=eval_loss(loss_module, eval_rows, cfg, pad_id, accelerator)
         )
-    accelerator.wait_for_everyone()
-    trained = trained_module(accelerator, loss_module, lambda: CausalLMLoss(build_model(cfg)[0]))
-    if accelerator.is_main_process:
-        save_model(trained.model, tokenizer, out)
-        remove_checkpoint(out)
-    accelerator.wait_for_everyone()
-    return out
+    return run.finish(
+        loss_module,
+        lambda trained: save_model(trained.model, tokenizer, run.out),
+        rebuild=lambda: CausalLMLoss(build_model(cfg)[0]),
+    )

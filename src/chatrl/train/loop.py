@@ -1,5 +1,17 @@
 """The shared training-loop pieces: Accelerate setup, optimiser and schedule, data order,
-checkpoints and resumption, metrics log, progress bar.
+checkpoints and resumption, metrics log, progress bar; and ``Run``, the skeleton every trainer
+stands on, so that a trainer is its data, its model and its step:
+
+    run = start_run(cfg, "rm")                  # run.cfg: bf16 decided
+    module = build(run.cfg)                     # new weights alike on every process
+    run.seed_process()
+    module, optimizer, scheduler = run.prepare(module, total)
+    start = run.begin()                         # resumed, metrics log, train_config.json
+    with run.progress(total) as show:
+        for step in range(start, total):
+            ...                                 # the trainer's own step; show(done, info)
+            run.maybe_checkpoint(step + 1, total)
+    return run.finish(module, save)             # save on the main process
 
 Every trainer runs through Accelerate, so one code path serves one CPU process, DDP and FSDP
 (docs/scaling.md): only the main process writes files, each process gets its own seed derived
@@ -18,7 +30,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +50,7 @@ from rich.progress import (
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import get_cosine_schedule_with_warmup
 
-from chatrl.config import StageConfig
+from chatrl.config import BatchConfig, StageConfig, TrainConfig
 from chatrl.data import write_json
 from chatrl.errors import UserError
 from chatrl.precision import hardware, resolve_bf16
@@ -273,13 +285,16 @@ def check_replicas(accelerator: Accelerator, module: torch.nn.Module, step: int)
 
 
 def trained_module(
-    accelerator: Accelerator, module: torch.nn.Module, rebuild: Callable[[], torch.nn.Module]
+    accelerator: Accelerator,
+    module: torch.nn.Module,
+    rebuild: Callable[[], torch.nn.Module] | None = None,
 ) -> torch.nn.Module | None:
     """The trained module, whole, on the main process; every process must call this.
 
     Under FSDP each process holds a shard of every weight: the full state dict is gathered on
     the main process (Accelerate's full-state-dict gather, offloaded to the CPU) and loaded into
-    a fresh copy from ``rebuild``; other processes get None. Otherwise ``module`` unwrapped.
+    a fresh copy from ``rebuild`` (which a trainer that refuses FSDP need not give); other
+    processes get None. Otherwise ``module`` unwrapped.
     """
     if accelerator.distributed_type != DistributedType.FSDP:
         return accelerator.unwrap_model(module)
@@ -426,3 +441,117 @@ def progress_bar(enabled: bool = True) -> Progress:
         TextColumn("{task.fields[info]}"),
         disable=not enabled,
     )
+
+
+# ---------------------------------------------------------------- the run
+
+
+def batch_schedule(cfg: BatchConfig, n: int) -> list[list[int]]:
+    """``global_batches`` of ``n`` examples up to ``max_steps``; a global batch is
+    per_device_train_batch_size x gradient_accumulation_steps, however many processes split it."""
+    size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    return global_batches(n, size, cfg.seed, cfg.num_train_epochs)[: cfg.max_steps]
+
+
+@dataclass
+class Run:
+    """One training run's set-up, checkpoints and tear-down, the same for every trainer.
+
+    ``cfg``: the effective settings (bf16 decided). ``begin`` sets ``log``, ``step`` (0, or the
+    resumed checkpoint's) and ``extra`` (the trainer state that checkpoint holds)."""
+
+    cfg: TrainConfig
+    stage: str
+    accelerator: Accelerator
+    out: Path
+    log: MetricsLog | None = None
+    step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def seed_process(self) -> None:
+        """This process's own seed (sampling, dropout), once the new weights that must be the
+        same on every process (``start_run`` seeded those) are built."""
+        seed_everything(self.cfg.seed, self.accelerator.process_index)
+
+    def prepare(self, module: torch.nn.Module, total_steps: int) -> tuple:
+        """``module`` with AdamW and a schedule over ``total_steps`` from the settings, prepared,
+        the schedule in checkpoints. Other optimisers: prepare and register them yourself."""
+        optimizer = make_optimizer(module, self.cfg.learning_rate, self.cfg.weight_decay)
+        scheduler = make_scheduler(optimizer, total_steps, self.cfg.warmup_ratio)
+        module, optimizer = prepare(self.accelerator, module, optimizer)
+        self.accelerator.register_for_checkpointing(scheduler)
+        return module, optimizer, scheduler
+
+    def begin(self) -> int:
+        """After ``prepare``: restore the checkpoint when resuming, open the metrics log (without
+        records past that checkpoint), write train_config.json; returns the step to start at."""
+        accelerator = self.accelerator
+        self.log = MetricsLog(self.out / "metrics.jsonl", accelerator.is_main_process)
+        state = load_checkpoint(accelerator, self.out) if self.cfg.resume else None
+        if state is not None:
+            self.step, self.extra = state.step, state.extra or {}
+        self.log.truncate_after(self.step)
+        if accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_train_config(self.out, self.stage, self.cfg)
+        return self.step
+
+    def accumulate(
+        self, module: torch.nn.Module, batch: list[int]
+    ) -> Iterator[tuple[list[int], float]]:
+        """``accumulate`` over this process's micro-batches of ``batch`` (a ``BatchConfig``'s)."""
+        size = self.cfg.per_device_train_batch_size
+        pieces = process_micro_batches(batch, size, self.accelerator)
+        return accumulate(self.accelerator, module, pieces, batch[:1])
+
+    def optimizer_step(self, module: torch.nn.Module, optimizer, scheduler, done: int):
+        """Clip, step the optimiser and schedule, zero the gradients, ``check_replicas``;
+        returns the gradient norm before clipping."""
+        grad_norm = self.accelerator.clip_grad_norm_(module.parameters(), self.cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        check_replicas(self.accelerator, module, done)
+        return grad_norm
+
+    @contextlib.contextmanager
+    def progress(self, total: int) -> Iterator[Callable[[int, str], None]]:
+        """A progress bar over ``total`` updates from ``step``; yields ``show(done, info)``."""
+        with progress_bar(self.accelerator.is_main_process) as bar:
+            task = bar.add_task(self.stage, total=total, completed=self.step, info="")
+            yield lambda done, info: bar.update(task, completed=done, info=info)
+
+    def maybe_checkpoint(self, done: int, total: int, extra: dict[str, Any] | None = None):
+        """Checkpoint every ``save_steps`` updates but the last, with the trainer's ``extra``
+        state (JSON), which ``begin`` gives back on resume."""
+        if done % self.cfg.save_steps == 0 and done < total:
+            state = TrainerState(done, extra)
+            save_checkpoint(self.accelerator, self.out, state, self.accelerator.num_processes)
+
+    def finish(
+        self,
+        module: torch.nn.Module,
+        save: Callable[[torch.nn.Module], None],
+        rebuild: Callable[[], torch.nn.Module] | None = None,
+    ) -> Path:
+        """On every process: the main one saves the trained module, whole (``trained_module``;
+        ``rebuild`` for FSDP) with ``save``, then deletes the checkpoint. Returns ``out``."""
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        trained = trained_module(accelerator, module, rebuild)
+        if accelerator.is_main_process:
+            save(trained)
+            remove_checkpoint(self.out)
+        accelerator.wait_for_everyone()
+        return self.out
+
+
+def start_run(cfg: TrainConfig, stage: str) -> Run:
+    """A run of ``stage``, before its models are built: ``refuse_unfinished_run``, bf16 decided,
+    the Accelerator (FSDP if ``cfg.fsdp``), every process seeded alike (new weights agree)."""
+    out = Path(cfg.out)
+    refuse_unfinished_run(out, cfg.resume)
+    cfg = decide_precision(cfg, stage)
+    accelerator = make_accelerator(cfg.bf16, getattr(cfg, "fsdp", False))  # ppo has no fsdp
+    seed_everything(cfg.seed)
+    return Run(cfg, stage, accelerator, out)

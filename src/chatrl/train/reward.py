@@ -44,30 +44,7 @@ from chatrl.reward_model import (
     score_groups,
     to_device,
 )
-from chatrl.train.loop import (
-    MetricsLog,
-    TrainerState,
-    accumulate,
-    add_lora,
-    check_replicas,
-    decide_precision,
-    global_batches,
-    load_checkpoint,
-    make_accelerator,
-    make_optimizer,
-    make_scheduler,
-    prepare,
-    process_micro_batches,
-    process_sum,
-    progress_bar,
-    refuse_unfinished_run,
-    remove_checkpoint,
-    save_checkpoint,
-    seed_everything,
-    train_autocast,
-    trained_module,
-    write_train_config,
-)
+from chatrl.train.loop import add_lora, batch_schedule, process_sum, start_run, train_autocast
 
 logger = logging.getLogger(__name__)
 
@@ -248,13 +225,10 @@ def build_reward_model(cfg: RMConfig):
 
 def train_reward(cfg: RMConfig) -> Path:
     """Train a reward model on rankings, normalise it, save it to ``cfg.out``; return the path."""
-    out = Path(cfg.out)
-    refuse_unfinished_run(out, cfg.resume)
-    cfg = decide_precision(cfg, "rm")
-    accelerator = make_accelerator(cfg.bf16, cfg.fsdp)
-    seed_everything(cfg.seed)  # the same new head (and adapters) on every process
+    run = start_run(cfg, "rm")  # the same new head (and adapters) on every process
+    cfg, accelerator = run.cfg, run.accelerator
     model, tokenizer, context = build_reward_model(cfg)
-    seed_everything(cfg.seed, accelerator.process_index)
+    run.seed_process()
     if cfg.max_length and context and cfg.max_length > context:
         raise UserError(f"max_length={cfg.max_length} exceeds the model's context ({context})")
     max_length = cfg.max_length or context
@@ -267,25 +241,11 @@ def train_reward(cfg: RMConfig) -> Path:
         if cfg.eval_data
         else ([], {})
     )
-
-    # The global batch is the same however many processes share it (docs/scaling.md).
-    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    schedule = global_batches(len(groups), global_batch, cfg.seed, cfg.num_train_epochs)
-    if cfg.max_steps is not None:
-        schedule = schedule[: cfg.max_steps]
+    schedule = batch_schedule(cfg, len(groups))
     module = LastTokenReward(model)
     pools_last_token = module.pools_last_token
-    optimizer = make_optimizer(module, cfg.learning_rate, cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, len(schedule), cfg.warmup_ratio)
-    module, optimizer = prepare(accelerator, module, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-
-    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
-    state = (load_checkpoint(accelerator, out) if cfg.resume else None) or TrainerState()
-    log.truncate_after(state.step)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_train_config(out, "rm", cfg)
+    module, optimizer, scheduler = run.prepare(module, len(schedule))
+    start = run.begin()
 
     pad_id = tokenizer.pad_token_id
     batch_size = cfg.per_device_train_batch_size
@@ -295,15 +255,13 @@ def train_reward(cfg: RMConfig) -> Path:
 
     module.train()
     pairs_seen, started = 0, time.perf_counter()
-    with progress_bar(accelerator.is_main_process) as bar:
-        task = bar.add_task("rm", total=len(schedule), completed=state.step, info="")
-        for step in range(state.step, len(schedule)):
+    with run.progress(len(schedule)) as show:
+        for step in range(start, len(schedule)):
             # Each process divides by the update's global ranking count; DDP averages
             # gradients over processes, so scale back up by their number.
             scale = accelerator.num_processes / len(schedule[step])
             loss_total, correct, pairs, reward_sum, responses = 0.0, 0, 0, 0.0, 0
-            pieces = process_micro_batches(schedule[step], batch_size, accelerator)
-            for micro, weight in accumulate(accelerator, module, pieces, schedule[step][:1]):
+            for micro, weight in run.accumulate(module, schedule[step]):
                 batch = collate_groups([groups[i] for i in micro], pad_id, pools_last_token)
                 batch = to_device(batch, accelerator.device)
                 with train_autocast(accelerator, batch["inputs"]["input_ids"]):
@@ -317,26 +275,18 @@ def train_reward(cfg: RMConfig) -> Path:
                 pairs += len(batch["winners"]) * weight
                 reward_sum += rewards.sum().item() * weight
                 responses += len(rewards) * weight
-            grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            check_replicas(accelerator, module, step + 1)
+            done = step + 1
+            grad_norm = run.optimizer_step(module, optimizer, scheduler, done)
             loss_total, correct, pairs, reward_sum, responses = process_sum(
                 accelerator, loss_total, correct, pairs, reward_sum, responses
             )
 
-            done = step + 1
             pairs_seen += pairs
             pairs_per_s = pairs_seen / (time.perf_counter() - started)
             accuracy = correct / pairs
-            bar.update(
-                task,
-                completed=done,
-                info=f"loss {loss_total:.3f}  acc {accuracy:.2f}  {pairs_per_s:,.1f} pairs/s",
-            )
+            show(done, f"loss {loss_total:.3f}  acc {accuracy:.2f}  {pairs_per_s:,.1f} pairs/s")
             if done % cfg.logging_steps == 0 or done == len(schedule):
-                log.log(
+                run.log.log(
                     done,
                     loss=loss_total,
                     accuracy=accuracy,
@@ -347,36 +297,31 @@ def train_reward(cfg: RMConfig) -> Path:
                 )
             if eval_groups and cfg.eval_steps and done % cfg.eval_steps == 0:
                 report = run_eval()["all"]
-                log.log(done, eval_accuracy=report["accuracy"], eval_loss=report["loss"])
-            if done % cfg.save_steps == 0 and done < len(schedule):
-                save_checkpoint(accelerator, out, TrainerState(done), accelerator.num_processes)
+                run.log.log(done, eval_accuracy=report["accuracy"], eval_loss=report["loss"])
+            run.maybe_checkpoint(done, len(schedule))
 
     held_out = run_eval() if eval_groups else None
     if held_out:
-        log.log(len(schedule), eval_accuracy=held_out["all"]["accuracy"])
-    accelerator.wait_for_everyone()
-    trained = trained_module(
-        accelerator, module, lambda: LastTokenReward(build_reward_model(cfg)[0])
-    )
-    if accelerator.is_main_process:
+        run.log.log(len(schedule), eval_accuracy=held_out["all"]["accuracy"])
+
+    def save(trained: LastTokenReward) -> None:
         model = trained.model
         if hasattr(model, "merge_and_unload"):  # LoRA
             model = model.merge_and_unload()
         pairs = normalisation_pairs(cfg, rankings, norm_prompts)
         normalisation = normalise(model, tokenizer, *pairs, max_length)
-        save_model(model, tokenizer, out)
+        save_model(model, tokenizer, run.out)
         report = {
             "data": {"train": counts, **({"eval": eval_counts} if eval_counts else {})},
             "normalization": normalisation,
             "eval": held_out,
         }
-        write_json(out / "eval.json", report)
+        write_json(run.out / "eval.json", report)
         print(
             f"reward normalisation: mean {normalisation['mean']:.4f}, "
             f"std {normalisation['std']:.4f} over {normalisation['over']}"
         )
         if held_out:
             print_report(f"held-out {cfg.eval_data}", held_out)
-        remove_checkpoint(out)
-    accelerator.wait_for_everyone()
-    return out
+
+    return run.finish(module, save, rebuild=lambda: LastTokenReward(build_reward_model(cfg)[0]))
