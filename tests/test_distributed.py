@@ -225,6 +225,7 @@ def test_ppo_on_two_processes_ends_where_one_process_does(micro_model, tmp_path)
     """Each process samples its own prompts' rollouts; advantages are whitened and losses
     averaged over both. Near-greedy sampling makes the responses the same as one process's,
     so the updates must be too."""
+    torch.manual_seed(0)  # the reward model's new head: not whatever earlier tests left
     policy, tokenizer = load_causal_lm(micro_model)
     with torch.no_grad():  # the random model's logits are nearly flat: float noise would flip
         policy.get_output_embeddings().weight.mul_(30)  # its greedy choices

@@ -49,24 +49,14 @@ from chatrl.evaluate import completion_texts, kl_per_response
 from chatrl.models import load_causal_lm, load_reward_model, save_model
 from chatrl.reward_model import RewardScorer
 from chatrl.train.loop import (
-    MetricsLog,
-    TrainerState,
     add_lora,
     check_replicas,
-    decide_precision,
     global_batches,
-    load_checkpoint,
-    make_accelerator,
     make_optimizer,
     make_scheduler,
-    progress_bar,
-    refuse_unfinished_run,
-    remove_checkpoint,
-    save_checkpoint,
-    seed_everything,
     shard,
+    start_run,
     train_autocast,
-    write_train_config,
 )
 
 # rollout_metrics(prompt meta per response, response texts, stopped flags) -> {name: value}:
@@ -85,10 +75,10 @@ def train_ppo(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> 
     reward-model score (e.g. a gold score, to see reward-model over-optimisation).
     """
     # Set-up: models, prompts, the schedule of updates, optimisers, and the checkpoint if resuming.
-    out = Path(cfg.out)
-    refuse_unfinished_run(out, cfg.resume)
-    cfg = decide_precision(cfg, "ppo")
-    accelerator = start_accelerator(cfg)
+    run = start_run(cfg, "ppo")
+    cfg, accelerator = run.cfg, run.accelerator
+    refuse_fsdp(accelerator)
+    run.seed_process()
     per_update = check_batch_shape(cfg, accelerator.num_processes)
     actor_critic, reference, tokenizer = load_actor_critic(cfg, accelerator)
     prompts = load_prompts(cfg.prompts)
@@ -98,26 +88,20 @@ def train_ppo(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> 
     pad_id = tokenizer.pad_token_id
     schedule = update_schedule(cfg, len(prompts), per_update)
     prepared, optimizers, schedulers = prepare_training(cfg, accelerator, actor_critic, schedule)
-    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process)
-    state = (load_checkpoint(accelerator, out) if cfg.resume else None) or TrainerState()
-    log.truncate_after(state.step)
+    start = run.begin()
     beta = KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
-    beta.value = (state.extra or {}).get("kl_coef", beta.value)  # adaptive β resumes as it was
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_train_config(out, "ppo", cfg)
+    beta.value = run.extra.get("kl_coef", beta.value)  # adaptive β resumes as it was
     unwrapped = accelerator.unwrap_model(prepared)
     engine = Engine(unwrapped.policy, tokenizer, max_batch_size=cfg.rollout_batch_size)
     scorer = RewardScorer(cfg.reward, accelerator.device, cfg.bf16)
     models = Models(unwrapped, reference, scorer, tokenizer, engine)
 
-    if eval_prompts and state.step == 0:
-        log.log(0, **held_out_metrics(models, cfg, eval_prompts, accelerator, rollout_metrics))
+    if eval_prompts and start == 0:
+        run.log.log(0, **held_out_metrics(models, cfg, eval_prompts, accelerator, rollout_metrics))
     prepared.train()
-    done = state.step
-    with progress_bar(accelerator.is_main_process) as bar:
-        task = bar.add_task("ppo", total=len(schedule), completed=state.step, info="")
-        for step in range(state.step, len(schedule)):
+    done = start
+    with run.progress(len(schedule)) as show:
+        for step in range(start, len(schedule)):
             clock = Stopwatch()
             batch = [prompts[i] for i in shard(schedule[step], accelerator)]
             seed = rollout_seed(cfg.seed, step, accelerator)
@@ -131,7 +115,7 @@ def train_ppo(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> 
             if cfg.kl_budget is not None and metrics["kl"] > cfg.kl_budget:
                 # Over-optimisation guard: this policy already drifted past the budget; stop
                 # here rather than push it further (docs/ppo.md).
-                log.log(step, **metrics, stopped_on_kl_budget=1.0)
+                run.log.log(step, **metrics, stopped_on_kl_budget=1.0)
                 break
             # 4. Losses: epochs of clipped-surrogate, value and PPO-ptx steps on the rollout.
             metrics |= ppo_update(
@@ -147,25 +131,20 @@ def train_ppo(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> 
             metrics["learning_rate"] = schedulers[0].get_last_lr()[0]
             metrics |= {f"time_{phase}": seconds for phase, seconds in clock.seconds.items()}
             done = step + 1
-            log.log(done, **metrics)
-            bar.update(task, completed=done, info=progress_info(metrics, caller))
+            run.log.log(done, **metrics)
+            show(done, progress_info(metrics, caller))
             before_end = done < len(schedule)  # the end has held-out metrics and a save of its own
             if eval_prompts and cfg.eval_steps and done % cfg.eval_steps == 0 and before_end:
                 held_out = held_out_metrics(models, cfg, eval_prompts, accelerator, rollout_metrics)
-                log.log(done, **held_out)
-            if done % cfg.save_steps == 0 and before_end:
-                checkpoint = TrainerState(done, {"kl_coef": beta.value})
-                save_checkpoint(accelerator, out, checkpoint, accelerator.num_processes)
+                run.log.log(done, **held_out)
+            run.maybe_checkpoint(done, len(schedule), {"kl_coef": beta.value})
 
     # The end: held-out metrics of the final policy, which is saved in place of the checkpoint.
     if eval_prompts:
-        log.log(done, **held_out_metrics(models, cfg, eval_prompts, accelerator, rollout_metrics))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_model(unwrapped.policy, tokenizer, out)
-        remove_checkpoint(out)
-    accelerator.wait_for_everyone()
-    return out
+        run.log.log(
+            done, **held_out_metrics(models, cfg, eval_prompts, accelerator, rollout_metrics)
+        )
+    return run.finish(prepared, lambda trained: save_model(trained.policy, tokenizer, run.out))
 
 
 # ---------------------------------------------------------------- 1. rollout
@@ -658,16 +637,13 @@ class Models:
     engine: Engine
 
 
-def start_accelerator(cfg: PPOConfig):
-    """The run's Accelerator (one process or DDP), each process seeded."""
-    accelerator = make_accelerator(cfg.bf16)
+def refuse_fsdp(accelerator) -> None:
+    """PPO runs on one process or DDP."""
     if accelerator.distributed_type == DistributedType.FSDP:
         raise UserError(
             "ppo does not run under FSDP (rollouts sample from the whole policy on every "
             "process); launch it with DDP, with --use-peft and --value-head to save memory"
         )
-    seed_everything(cfg.seed, accelerator.process_index)
-    return accelerator
 
 
 def check_batch_shape(cfg: PPOConfig, num_processes: int) -> int:
