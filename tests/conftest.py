@@ -122,7 +122,7 @@ def micro_model(tmp_path_factory, sample_text) -> Path:
 
 @pytest.fixture(scope="module")
 def micro_engine(micro_model):
-    """An ``Engine`` on the micro model, in this process, on one torch thread while the module
+    """An fp32 ``Engine`` on the micro model, in this process, on one torch thread while the module
     runs (on a shared machine, contending for every core is many times slower)."""
     import torch
 

@@ -82,7 +82,9 @@ def chat_server(model: Path, tmp_path: Path) -> Iterator[str]:
     """
     port = free_port()
     limits = [f"--{name.replace('_', '-')}={value}" for name, value in SERVE_LIMITS.items()]
-    args = ["serve", str(model), "--port", str(port), "--threads", "1", *limits]
+    # fp32, as the tests' in-process micro_engine: replies are compared token for token.
+    args = ["serve", str(model), "--port", str(port), "--threads", "1", "--bf16", "false"]
+    args += limits
     env = {**os.environ, "CHATRL_API_KEY": SERVE_KEY}
     with chatrl_server(args, port, tmp_path / "serve.log", env):
         yield f"http://127.0.0.1:{port}"

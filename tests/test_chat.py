@@ -34,7 +34,8 @@ class ChatProcess:
         self.log = log
         with log.open("w") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "chatrl", "chat", *args],
+                # fp32, as micro_engine: replies are compared token for token.
+                [sys.executable, "-m", "chatrl", "chat", "--bf16", "false", *args],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=stderr,

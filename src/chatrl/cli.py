@@ -1,4 +1,8 @@
-"""The ``chatrl`` command: one thin subcommand per stage. Parses, validates, calls the stage."""
+"""The ``chatrl`` command: one thin subcommand per stage. Parses, validates, calls the stage.
+
+Every top-level command is here, each a few lines over its stage's function, with its ``--help``
+text; the sub-apps (``label``, ``world``, ``teacher``) live with their packages.
+"""
 
 from __future__ import annotations
 

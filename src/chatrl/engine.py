@@ -26,7 +26,9 @@ under the sampling distribution, ``Completion.model_logprobs`` under the untempe
 PPO's ratio needs).
 
 The interface (``SamplingParams`` in, ``Completion`` out, token ids both ways) is narrow on
-purpose, so that another backend (vLLM on a GPU) can stand behind it.
+purpose, so that another backend (vLLM on a GPU) can stand behind it. Batching, the cache,
+sampling, stop handling and streaming stay together here (the fused decode step is in
+``llama_decode.py``): each changes the others' bookkeeping, hence the length.
 """
 
 from __future__ import annotations

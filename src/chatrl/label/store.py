@@ -11,6 +11,10 @@ Concurrency: every public method is one short transaction.
 - PostgreSQL: handing out a task locks its row with ``FOR UPDATE SKIP LOCKED`` and bumps the
   task's ``assigned`` counter in the same transaction, so two annotators racing for the last
   slot of a task can never both get it.
+
+One module for the schema and every query on it (import, assignment, submission, export,
+statistics), so each transaction's locking can be read next to the tables it locks; hence its
+length.
 """
 
 from __future__ import annotations

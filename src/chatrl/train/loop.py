@@ -18,6 +18,8 @@ Every trainer runs through Accelerate, so one code path serves one CPU process, 
 from the run seed, and each takes its own slice of every global batch. An update's global batch
 does not depend on the number of processes (they split its micro-batches between them), so a run
 ends where a one-process run with the same settings does, within floating-point noise.
+
+Everything trainers share lives here (a new trainer writes only its own step), hence the length.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ The objective (Ouyang et al. 2022, eq. 2), maximised over the policy π_φ:
 5. KL control (``KLController``): β fixed, or adapted towards a target KL.
 
 Then the plumbing: metrics (``held_out_metrics``), forward passes (``ActorCritic``), loading.
+One file on purpose, as CleanRL's ``ppo.py``: every PPO detail can be read in one pass, top to
+bottom, hence the length.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ Every prompt carries in ``Prompt.meta`` what the gold labeler (``judge.py``) nee
 ``family``, its ``task`` and the task's inputs and ``answer``. Multi-turn prompts also carry
 ``base_family``, the family of the task their last turn asks (``"arithmetic"``, ``"facts"`` or
 ``"text"``). See docs/world.md for the families, the splits and the demonstration mix.
+
+Its length is the world's vocabulary (word lists, facts, harmful and borderline requests, their
+wordings): data in one place, so one file shows everything the gold labeler knows.
 """
 
 from __future__ import annotations
