@@ -96,6 +96,7 @@ def run_chatrl(model: Path, data: Path, out: Path, batch: int, bf16: bool) -> di
     from contextlib import contextmanager
 
     from chatrl.config import RMConfig
+    from chatrl.train import loop as train_loop
     from chatrl.train import reward
 
     cfg = RMConfig(
@@ -104,7 +105,7 @@ def run_chatrl(model: Path, data: Path, out: Path, batch: int, bf16: bool) -> di
         warmup_ratio=0.0,
     )  # fmt: skip
     loop, total = Clock(), Clock()
-    bar = reward.progress_bar
+    bar = train_loop.progress_bar
 
     @contextmanager
     def timed_bar(enabled: bool = True):  # the progress bar spans exactly the training loop
@@ -113,7 +114,7 @@ def run_chatrl(model: Path, data: Path, out: Path, batch: int, bf16: bool) -> di
             yield b
         loop.stop()
 
-    reward.progress_bar = timed_bar
+    train_loop.progress_bar = timed_bar  # the skeleton's Run.progress opens it
     total.start()
     reward.train_reward(cfg)
     total.stop()
