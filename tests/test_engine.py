@@ -332,11 +332,11 @@ def test_fused_weights_are_reused_until_a_weight_changes(micro_model, monkeypatc
     from chatrl import engine as engine_module
 
     model, tokenizer = load_causal_lm(micro_model)
-    model.requires_grad_(False)  # frozen, as load_engine leaves it
     built = []
     fuse = engine_module.fuse
     monkeypatch.setattr(engine_module, "fuse", lambda lm: built.append(1) or fuse(lm))
     engine = no_stops(model.eval(), tokenizer)
+    engine.static_weights = True  # as load_engine makes it: nothing trains the model
     prompts = encode(tokenizer, PROMPTS)
     params = SamplingParams(max_new_tokens=8, temperature=0)
     first = [c.token_ids for c in engine.generate(prompts, params)]
@@ -348,7 +348,7 @@ def test_fused_weights_are_reused_until_a_weight_changes(micro_model, monkeypatc
     assert len(built) == 2
     assert changed == [c.token_ids for c in no_stops(model, tokenizer).generate(prompts, params)]
     assert changed != first
-    model.requires_grad_(True)  # trainable: rebuilt every call (fused AdamW bumps no version)
+    engine.static_weights = False  # trained between calls: rebuilt every call
     before = len(built)
     engine.generate(prompts, params)
     engine.generate(prompts, params)
