@@ -47,9 +47,9 @@ def test_sample_writes_k_distinct_responses_per_prompt(micro_model, prompts_file
     for task in tasks:
         assert len(task.responses) == len(set(task.responses)) == 3
     again = tmp_path / "again.jsonl"
-    params = SamplingParams(max_new_tokens=8, seed=0)
+    params = SamplingParams(max_new_tokens=8, temperature=0.7, top_p=0.9, seed=0)  # the CLI's
     sample_tasks(micro_model, prompts_file, again, 3, params, batch_size=4)
-    assert again.read_text() == out.read_text()  # same seed, same tasks
+    assert again.read_text() == out.read_text()  # same seed and defaults, same tasks
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 

@@ -134,9 +134,9 @@ def sample_cmd(
     prompts: Annotated[Path, typer.Option(help='Prompts JSONL: {"messages": [...]} per line.')],
     out: Annotated[Path, typer.Option(help="Tasks JSONL to write.")],
     k: Annotated[int, typer.Option(help="Distinct responses per prompt.")] = 4,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (above 0).")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass; 1 is off.")] = 1.0,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest response, in tokens.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (above 0).")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass; 1 is off.")] = 0.9,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest response, in tokens.")] = 128,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Sequences (prompts x k) per batch.")] = 64,
 ) -> None:
@@ -145,6 +145,10 @@ def sample_cmd(
     Writes {"prompt", "responses", "meta"} per prompt, the prompt's meta carried along. Repeated
     responses are re-drawn a few times; repeats left after that are left out (meta["repeats"]
     counts them), and a prompt with fewer than 2 distinct responses gets no task.
+
+    The defaults suit a pretrained chat model: on SmolLM2-135M-Instruct (40 world prompts,
+    K = 4), temperature 1 and top-p 1 wandered off topic and stopped in 49% of responses at
+    64 tokens; 0.7 and 0.9 stopped in 57% (67% at 128 tokens) and kept 3.8 of 4 distinct.
     """
     from chatrl.engine import SamplingParams
     from chatrl.sample import sample_tasks
