@@ -494,8 +494,10 @@ class Engine:
         """
         if not self.llama_like:
             return None
+        if not self.static_weights:
+            return fuse(self.base_model)
         key = tuple((p.data_ptr(), p._version) for p in self.base_model.parameters())
-        if self._fused_key != key or not self.static_weights:
+        if self._fused_key != key:
             self._fused, self._fused_key = fuse(self.base_model), key
         return self._fused
 

@@ -311,5 +311,13 @@ def context_length(config, tokenizer=None) -> int | None:
     return limit if limit and limit < 1_000_000 else None
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in every layer (TRL's ``disable_dropout_in_model``): PPO's log π must be the
+    same in the rollout and the update (ratio 1), and a reward model trains without it (as TRL)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -45,7 +45,7 @@ from chatrl.data import (
     write_jsonl,
 )
 from chatrl.errors import UserError
-from chatrl.models import context_length, load_reward_model
+from chatrl.models import context_length, disable_dropout, load_reward_model
 
 logger = logging.getLogger(__name__)
 
@@ -141,9 +141,7 @@ def encode_scored(
 def load_reward(path: str | Path):
     """The reward model to train, its tokenizer and context length; dropout off (as TRL)."""
     model, tokenizer = load_reward_model(path)
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
+    disable_dropout(model)
     return model, tokenizer, context_length(model.config, tokenizer)
 
 

@@ -48,7 +48,7 @@ from chatrl.data import Prompt, load_conversations, load_prompts, load_text, rea
 from chatrl.engine import Completion, Engine, SamplingParams
 from chatrl.errors import UserError
 from chatrl.evaluate import completion_texts, kl_per_response
-from chatrl.models import load_causal_lm, load_reward_model, save_model
+from chatrl.models import disable_dropout, load_causal_lm, load_reward_model, save_model
 from chatrl.reward_model import RewardScorer
 from chatrl.train.loop import (
     add_lora,
@@ -700,13 +700,6 @@ def load_critic(cfg: PPOConfig, tokenizer) -> nn.Module | None:
             "tokenizer differs from the policy's; pass --value-head to use a value head instead"
         )
     return critic
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Dropout would make log π differ between the rollout and the update (ratio ≠ 1)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
 
 
 def prepare_training(cfg: PPOConfig, accelerator, actor_critic: ActorCritic, schedule: list):
