@@ -18,6 +18,7 @@ from transformers import (
 from chatrl.chat_format import CHATML_TEMPLATE, encode_prompt, stop_token_ids
 from chatrl.config import LMConfig
 from chatrl.engine import Engine, SamplingParams
+from chatrl.errors import UserError
 from chatrl.models import load_causal_lm, load_reward_model
 from chatrl.train.lm import train_lm
 
@@ -79,3 +80,66 @@ def test_sft_on_a_base_model_writes_a_chat_model(base_model, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.get_input_embeddings().num_embeddings == len(tokenizer)
     assert "<|im_end|>" in tokenizer.get_vocab()
+
+
+# Llama 3's turn format: a non-ChatML template whose turns end with <|eot_id|>.
+LLAMA3_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{ message['content'] + '<|eot_id|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|eot_id|>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}"
+)
+
+
+def test_sft_with_a_named_template_trains_and_saves_that_format(base_model, tmp_path):
+    template = tmp_path / "llama3.jinja"
+    template.write_text(LLAMA3_TEMPLATE, encoding="utf-8")
+    cfg = LMConfig(
+        model=str(base_model),
+        data=str(write_sft(tmp_path / "sft.jsonl", 16)),
+        out=str(tmp_path / "sft"),
+        chat_template_path=str(template),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        bf16=False,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(train_lm(cfg, "sft"))
+    assert tokenizer.chat_template == LLAMA3_TEMPLATE
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert "<|im_end|>" not in tokenizer.get_vocab()  # no ChatML beside it
+    assert stop_token_ids(tokenizer) == sorted({eot, tokenizer.eos_token_id})
+    model, again = load_causal_lm(cfg.out)  # a later stage reads the saved format
+    assert again.chat_template == LLAMA3_TEMPLATE
+    assert model.get_input_embeddings().num_embeddings == len(again)
+
+
+def test_a_template_copied_from_another_model(base_model, tmp_path):
+    donor = tmp_path / "donor"
+    load_causal_lm(base_model)[1].save_pretrained(donor)  # a tokenizer carrying ChatML
+    _, tokenizer = load_causal_lm(base_model, chat_template=str(donor))
+    assert tokenizer.chat_template == CHATML_TEMPLATE
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("missing.jinja", "chat template not found"),
+        ("broken.jinja", "does not render a conversation"),
+    ],
+)
+def test_a_bad_template_fails_in_one_line_before_the_model_loads(
+    base_model, tmp_path, monkeypatch, spec, message
+):
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m.content ", "utf-8")
+    monkeypatch.chdir(tmp_path)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the template was checked")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_model)
+    with pytest.raises(UserError, match=message):
+        load_causal_lm(base_model, chat_template=spec)

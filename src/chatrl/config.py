@@ -93,6 +93,12 @@ class LMConfig(BatchConfig):
     eval_data: str | None = Field(None, description="held-out data for the periodic eval loss")
     max_length: int = Field(256, gt=0, description="tokens per row; longer examples are cut")
     packing: bool = Field(False, description="pack short examples into full rows")
+    chat_template_path: str | None = Field(
+        None,
+        description="chat template to train with instead of the model's own (a base model "
+        "without one gets ChatML): chatml, a Jinja file, or a model directory to copy it from; "
+        "saved with the output, so every later stage renders chats the same way",
+    )
     learning_rate: LearningRate = 1e-3
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -24,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from chatrl.chat_format import CHATML_TEMPLATE, END_OF_TURN
+from chatrl.chat_format import CHATML_TEMPLATE, END_OF_TURN, assistant_spans
 from chatrl.errors import UserError
 
 CHATML_TOKENS = ["<|im_start|>", END_OF_TURN]
@@ -232,13 +234,16 @@ def _check_dir(path: str | Path) -> None:
         raise UserError(f"{path}: not a model directory (no config.json)")
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, chat_template: str | None = None):
     """The tokenizer of a model directory, hub id or GGUF file, with a pad token and a chat
-    template guaranteed: a base model's tokenizer without one gets ChatML (``use_chatml``)."""
+    template guaranteed: ``chat_template`` if given (``use_template``), else the tokenizer's
+    own, else ChatML (``use_chatml``) for a base model's tokenizer that has none."""
     path = resolve_model(path)
     _check_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if not getattr(tokenizer, "chat_template", None):
+    if chat_template is not None:
+        use_template(tokenizer, chat_template)
+    elif not getattr(tokenizer, "chat_template", None):
         use_chatml(tokenizer, path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -252,12 +257,48 @@ def use_chatml(tokenizer, path: str | Path) -> None:
     Every stage loads tokenizers here, so all of them render one format, and the template
     (with the tokens) is saved with what they write; ``fit_embeddings`` grows the model.
     """
-    tokenizer.chat_template = CHATML_TEMPLATE
-    missing = [t for t in CHATML_TOKENS if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
+    missing = _set_template(tokenizer, CHATML_TEMPLATE)
     added = f", adding {' and '.join(missing)}" if missing else ""
     _say_once(f"{path}: no chat template; using ChatML{added}")
+
+
+# The turn markers of the common chat formats: <|im_start|> (ChatML), <|eot_id|> (Llama 3),
+# <|end|> (Phi-3), <start_of_turn> (Gemma).
+_TURN_MARKER = re.compile(r"<\|[\w.-]+\|>|<(?:start|end)_of_turn>")
+
+
+def _set_template(tokenizer, template: str) -> list[str]:
+    """Install ``template``; its turn markers the vocabulary lacks become special tokens, so
+    stopping and the loss mask see one token for each. Returns the tokens it added."""
+    tokenizer.chat_template = template
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in dict.fromkeys(_TURN_MARKER.findall(template)) if t not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return missing
+
+
+def use_template(tokenizer, spec: str) -> None:
+    """Give the tokenizer the chat template ``spec`` names: ``chatml``, a Jinja file, or a
+    model directory whose tokenizer's template to copy. Checked by rendering a conversation
+    before any model is loaded; a template that fails is a one-line error naming it."""
+    source = Path(spec)
+    if spec == "chatml":
+        template = CHATML_TEMPLATE
+    elif source.is_dir():
+        template = AutoTokenizer.from_pretrained(source).chat_template
+        if not isinstance(template, str):
+            raise UserError(f"{spec}: that tokenizer has no (single) chat template to use")
+    elif source.is_file():
+        template = source.read_text(encoding="utf-8")
+    else:
+        raise UserError(f"{spec}: chat template not found (give chatml, a Jinja file or a model)")
+    _set_template(tokenizer, template)
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    try:
+        assistant_spans(tokenizer, conversation)
+    except (TemplateError, UserError) as e:
+        raise UserError(f"{spec}: the chat template does not render a conversation: {e}") from None
 
 
 @functools.cache
@@ -272,11 +313,15 @@ def fit_embeddings(model, tokenizer) -> None:
         model.resize_token_embeddings(len(tokenizer))
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
-    """A causal LM and its tokenizer (from a model directory, hub id or GGUF file)."""
+def load_causal_lm(
+    path: str | Path, dtype: torch.dtype = torch.float32, chat_template: str | None = None
+):
+    """A causal LM and its tokenizer (from a model directory, hub id or GGUF file);
+    ``chat_template`` names a template to use instead of its own (``load_tokenizer``)."""
     path = resolve_model(path)
     _check_dir(path)
-    tokenizer = load_tokenizer(path)  # first: a bad tokenizer fails before the model loads
+    # First: a bad tokenizer or template fails before the model loads.
+    tokenizer = load_tokenizer(path, chat_template)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     fit_embeddings(model, tokenizer)
     return model, tokenizer

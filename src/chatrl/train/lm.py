@@ -130,7 +130,7 @@ def eval_loss(
 
 def build_model(cfg: LMConfig):
     """The model to train and its tokenizer: ``cfg.model``, under LoRA adapters if asked."""
-    model, tokenizer = load_causal_lm(cfg.model)
+    model, tokenizer = load_causal_lm(cfg.model, chat_template=cfg.chat_template_path)
     return (add_lora(model, cfg) if cfg.use_peft else model), tokenizer
 
 
