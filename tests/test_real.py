@@ -15,11 +15,19 @@ import numpy as np
 import pytest
 import torch
 from conftest import smollm2_gguf
+from servers import SERVE_KEY, chat_server
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from chatrl.chat_format import encode_prompt
+from chatrl.chat_format import IGNORE_INDEX, Row, encode_conversation, encode_prompt
+from chatrl.config import LMConfig, RMConfig
+from chatrl.data import write_jsonl
 from chatrl.engine import Engine, SamplingParams
 from chatrl.errors import UserError
 from chatrl.models import load_causal_lm, load_reward_model, resolve_model
+from chatrl.reward_model import RewardScorer
+from chatrl.train.lm import CausalLMLoss, build_rows, collate, train_lm
+from chatrl.train.reward import train_reward
+from chatrl.world import sft_conversations
 
 pytestmark = pytest.mark.real
 
@@ -31,6 +39,10 @@ QUESTIONS = [
         {"role": "user", "content": "Write a haiku about the sea, then explain it in detail."},
     ],
 ]
+
+
+def metrics_of(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def chatrl(*args, **env: str) -> subprocess.CompletedProcess:
@@ -107,6 +119,107 @@ def test_greedy_chat_answer_is_right_and_stops(real):
     (answer,) = Engine(model, tokenizer).generate_chat(QUESTIONS[:1], params)
     assert "Paris" in answer.text
     assert answer.finish_reason == "stop" and answer.token_ids[-1] == tokenizer.eos_token_id
+
+
+def test_sft_masks_cover_assistant_turns_with_their_end_of_turn_token(real):
+    """SmolLM2's own template (its default system prompt included): labels cover the assistant
+    tokens and the <|im_end|> that closes them, and eos = pad neither masks that token nor cuts
+    the row at it; padding only extends the row, with ignored labels."""
+    _, tokenizer = real
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.pad_token_id == end
+    reply = "The capital of France is Paris."
+    messages = [*QUESTIONS[0], {"role": "assistant", "content": reply}]
+    encoded = encode_conversation(tokenizer, messages, max_length=512)
+    rendered = tokenizer.decode(encoded.input_ids)
+    assert "You are a helpful AI assistant named SmolLM" in rendered  # the template's system
+    labelled = [t for t in encoded.labels if t != IGNORE_INDEX]
+    # The rule of chat_format: a turn is what rendering it adds, here with the template's "\n".
+    assert tokenizer.decode(labelled) == reply + "<|im_end|>\n"
+    assert encoded.input_ids.count(end) == 3  # system, user and assistant turns each end so
+    longer = [*QUESTIONS[2], {"role": "assistant", "content": "Waves fold. " * 12}]
+    rows = [
+        Row(e.input_ids, e.labels, list(range(len(e.input_ids))))
+        for e in (encoded, encode_conversation(tokenizer, longer, max_length=512))
+    ]
+    batch = collate(rows, tokenizer.pad_token_id)
+    n = len(encoded.input_ids)
+    assert batch["input_ids"].shape[1] > n
+    assert batch["labels"][0, n - 2] == end  # its closing <|im_end|> is still a target
+    assert (batch["labels"][0, n:] == IGNORE_INDEX).all()  # the padding (also id 2) is not
+
+
+def test_a_few_lora_sft_steps_lower_the_loss_and_plain_transformers_loads_it(smollm2, tmp_path):
+    data = tmp_path / "demos.jsonl"
+    write_jsonl(data, ({"messages": m} for m in sft_conversations(4, seed=0)))
+    cfg = LMConfig(
+        model=str(smollm2),
+        data=str(data),
+        eval_data=str(data),
+        out=str(tmp_path / "sft"),
+        use_peft=True,
+        num_train_epochs=3,  # one update an epoch
+        warmup_ratio=0,
+        per_device_train_batch_size=4,
+        max_length=96,
+        learning_rate=2e-3,
+        logging_steps=1,
+        bf16=False,
+    )
+    model, tokenizer = load_causal_lm(smollm2)
+    rows = build_rows(cfg, tokenizer, "sft", cfg.data)
+    with torch.no_grad():
+        loss_sum, count = CausalLMLoss(model)(**collate(rows, tokenizer.pad_token_id))
+    before = (loss_sum / count).item()
+    out = train_lm(cfg, "sft")
+    after = metrics_of(out)[-1]["eval_loss"]
+    assert after < before - 0.1, (before, after)
+    merged = AutoModelForCausalLM.from_pretrained(out)  # LoRA merged: a plain directory
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_a_lora_reward_model_on_the_smollm2_backbone_trains_and_scores(smollm2, tmp_path):
+    pairs = [
+        {"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}.", "rejected": "No."}
+        for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (4, 4), (6, 3), (7, 2), (8, 1)]
+    ]
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    cfg = RMConfig(
+        model=str(smollm2),
+        data=str(tmp_path / "pairs.jsonl"),
+        out=str(tmp_path / "rm"),
+        use_peft=True,
+        num_train_epochs=3,
+        warmup_ratio=0,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        logging_steps=1,
+        bf16=False,
+    )
+    out = train_reward(cfg)
+    losses = [r["loss"] for r in metrics_of(out) if "loss" in r]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    reward = AutoModelForSequenceClassification.from_pretrained(out)
+    assert reward.score.weight.shape == (1, 576)
+    scores = RewardScorer(out, device="cpu").score(
+        [[{"role": "user", "content": p["prompt"]}] for p in pairs[:2]] * 2,
+        [p["chosen"] for p in pairs[:2]] + [p["rejected"] for p in pairs[:2]],
+    )
+    assert scores.shape == (4,) and torch.isfinite(scores).all()
+    assert scores[:2].mean() > scores[2:].mean()
+
+
+def test_serve_answers_paris_through_the_openai_client_streaming(smollm2, tmp_path):
+    from openai import OpenAI
+
+    with chat_server(smollm2, tmp_path) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key=SERVE_KEY)
+        stream = client.chat.completions.create(
+            model="smollm2", messages=QUESTIONS[0], temperature=0, max_tokens=24, stream=True
+        )
+        chunks = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(chunks) > 3  # token by token
+    assert "Paris" in "".join(chunks)
 
 
 def test_a_reward_model_starts_from_the_gguf_file(smollm2, real):

@@ -169,7 +169,8 @@ def train_lm(cfg: LMConfig, kind: str) -> Path:
             (loss_total,) = process_sum(accelerator, loss_total)
 
             tokens_per_s = tokens_seen * accelerator.num_processes / (time.perf_counter() - started)
-            show(done, f"loss {loss_total:.3f}  {tokens_per_s:,.0f} tok/s")
+            # All tokens of the rows, prompts included (padding not); the loss's are fewer.
+            show(done, f"loss {loss_total:.3f}  {tokens_per_s:,.0f} tok/s (all input tokens)")
             if done % cfg.logging_steps == 0 or done == len(schedule):
                 run.log.log(
                     done,

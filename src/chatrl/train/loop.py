@@ -31,6 +31,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,7 +190,11 @@ def add_lora(model, cfg, task_type: str = "CAUSAL_LM"):
         target_modules="all-linear",
         task_type=task_type,
     )
-    return get_peft_model(model, lora)
+    # peft 0.21 reads transformers 5.23's deprecated ``is_gradient_checkpointing``; the warning
+    # it raises on every trainer's start is about their pairing, not about anything we do.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
