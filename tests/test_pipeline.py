@@ -94,6 +94,35 @@ def test_run_writes_every_stage_and_a_report(finished_run):
     assert (finished_run / "ppo" / "model.safetensors").exists()
 
 
+def test_a_run_from_a_pretrained_model_also_evaluates_it(finished_run, tmp_path):
+    """``[model] path``: the base model gets rows of its own, here the micro run's base."""
+    import shutil
+
+    from chatrl.evaluate import evaluate_run
+    from chatrl.pipeline import EvalSection
+    from chatrl.report import write_report
+    from chatrl.world import judge, perfect_response
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    settings = EvalSection(world_prompts=12, best_of=3, max_new_tokens=12)
+    base = finished_run / "model"
+    evaluation = evaluate_run(
+        run, run / "eval" / "prompts.jsonl", settings, 0, judge=judge, perfect=perfect_response,
+        base=base,
+    )  # fmt: skip
+    policies = evaluation["policies"]
+    assert set(REPORT_FIELDS) <= set(policies["base"]) and "base_greedy" in policies
+    # An estimate (k1, may be negative on 12 prompts), nonzero: the base model is not SFT's.
+    assert policies["base"]["kl_vs_sft"] != 0.0 and policies["sft"]["kl_vs_sft"] == 0.0
+    (run / "eval" / "eval.json").write_text(json.dumps(evaluation))
+    records = {s: json.loads((run / s / "stage.json").read_text()) for s in ("model", "ppo")}
+    write_report(run, records, 0)
+    card = (run / "report.md").read_text()
+    assert "| base |" in card and "| base_greedy |" in card
+    assert card.index("| base |") < card.index("| sft |")
+
+
 @pytest.mark.slow
 def test_rerun_skips_finished_stages(finished_run, tmp_path):
     before = {p: p.stat().st_mtime for p in finished_run.glob("*/model.safetensors")}

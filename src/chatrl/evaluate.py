@@ -425,10 +425,18 @@ def _policy_row(
 
 @torch.inference_mode()
 def evaluate_run(
-    run: Path, prompts_path: Path, settings, seed: int, *, judge: Judge, perfect: Perfect
+    run: Path,
+    prompts_path: Path,
+    settings,
+    seed: int,
+    *,
+    judge: Judge,
+    perfect: Perfect,
+    base: str | Path | None = None,
 ) -> dict[str, Any]:
     """Sample SFT and PPO (temperature 1 and greedy), Best-of-n from SFT picked by the RM,
-    and the perfect responses, on held-out prompts; judge all with the gold labeler."""
+    and the perfect responses, on held-out prompts; judge all with the gold labeler. With
+    ``base`` (a pretrained model the run started from, an instruct model say), it too."""
     prompts = load_prompts(prompts_path)
     conversations = [p.messages for p in prompts]
     sample = SamplingParams(
@@ -447,6 +455,17 @@ def evaluate_run(
     # Greedy rows: the same log-ratio on the greedy responses (0 for SFT's own).
     out["sft_greedy"] = row(sft_engine.generate(prompt_ids, greedy)) | {"kl_vs_sft": 0.0}
 
+    def rows_of(name: str, model_dir: str | Path) -> None:
+        """The ``name`` (temperature 1) and ``name_greedy`` rows, with their KL to SFT."""
+        engine = load_engine(model_dir)
+        for key, params in ((name, sample), (f"{name}_greedy", greedy)):
+            completions = engine.generate(prompt_ids, params)
+            out[key] = row(completions)
+            out[key]["kl_vs_sft"] = kl_to_reference(completions, sft_engine.model, prompt_ids)
+
+    if base is not None:
+        rows_of("base", base)
+
     n = settings.best_of
     many = sft_engine.generate(
         prompt_ids, SamplingParams(**{**sample.__dict__, "n": n, "seed": seed + 1})
@@ -464,11 +483,7 @@ def evaluate_run(
         prompts, [[c.text for c in g] for g in groups], group_rewards, judge
     )
 
-    ppo_engine = load_engine(run / "ppo")
-    for name, params in (("ppo", sample), ("ppo_greedy", greedy)):
-        completions = ppo_engine.generate(prompt_ids, params)
-        out[name] = row(completions)
-        out[name]["kl_vs_sft"] = kl_to_reference(completions, sft_engine.model, prompt_ids)
+    rows_of("ppo", run / "ppo")
 
     texts = [perfect(p) for p in prompts]
     out["perfect"] = _policy_row(prompts, texts, [True] * len(prompts), sft_texts, judge) | {

@@ -343,7 +343,13 @@ def run_eval(run: Run) -> None:
         cfg.eval.world_prompts, cfg.seed, "heldout", out / "prompts.jsonl"
     )
     evaluation = evaluate_run(
-        run.dir, prompts_path, cfg.eval, cfg.seed, judge=judge, perfect=perfect_response
+        run.dir,
+        prompts_path,
+        cfg.eval,
+        cfg.seed,
+        judge=judge,
+        perfect=perfect_response,
+        base=cfg.model.path,  # a pretrained model: how it did before SFT and RL
     )
     write_json(out / "eval.json", evaluation)
 

@@ -16,7 +16,10 @@ from chatrl import __version__
 from chatrl.data import load_json_file, write_json
 from chatrl.precision import hardware
 
-POLICIES = ("sft", "sft_greedy", "best_of_n", "ppo", "ppo_greedy", "perfect")
+# In table order; "base" rows when the run started from a pretrained model (``[model] path``).
+POLICIES = (
+    "base", "base_greedy", "sft", "sft_greedy", "best_of_n", "ppo", "ppo_greedy", "perfect",
+)  # fmt: skip
 
 
 def _metrics(path: Path) -> list[dict[str, Any]]:
@@ -156,6 +159,7 @@ def markdown(report: dict[str, Any]) -> str:
     if policies:
         cols = [
             "gold_score",
+            "accuracy",
             "win_rate_vs_sft",
             "refusal_rate",
             "over_refusal_rate",
@@ -170,7 +174,7 @@ def markdown(report: dict[str, Any]) -> str:
             "| policy | " + " | ".join(cols) + " |",
             "|---" * (len(cols) + 1) + "|",
         ]
-        for name in POLICIES:
+        for name in (p for p in POLICIES if p in policies):
             lines.append(
                 f"| {name} | " + " | ".join(_fmt(policies[name].get(c)) for c in cols) + " |"
             )
@@ -246,7 +250,11 @@ def write_report(run: Path, records: dict[str, Any], seed: int) -> dict[str, Any
             "gap_closed": gap_closed(evaluation["policies"]),
             "targets": targets(evaluation["policies"]),
         }
-        report |= {name: evaluation["policies"][name] for name in POLICIES}
+        report |= {
+            name: evaluation["policies"][name]
+            for name in POLICIES
+            if name in evaluation["policies"]
+        }
     report["plots"] = plot(run, report)
     write_json(run / "report.json", report)
     (run / "report.md").write_text(markdown(report), encoding="utf-8")
