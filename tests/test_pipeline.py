@@ -183,6 +183,10 @@ def test_changed_section_reruns_from_that_stage(finished_run, tmp_path):
         ),
         (TINY.replace("seed = 0", "seed = 'zero'"), "'seed': Input should be a valid integer"),
         ("seed = [", "invalid TOML"),
+        (
+            TINY.replace("[model]\n", '[model]\npath = "${CHATRL_NO_SUCH_MODEL}"\n'),
+            "[model] path: environment variable CHATRL_NO_SUCH_MODEL is not set",
+        ),
     ],
 )
 def test_config_errors_are_one_line_with_exit_2(tmp_path, text, message):
@@ -190,6 +194,14 @@ def test_config_errors_are_one_line_with_exit_2(tmp_path, text, message):
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr.replace("\n", "")
     assert "Traceback" not in result.stderr
+
+
+def test_model_path_expands_environment_variables(tmp_path, monkeypatch):
+    from chatrl.pipeline import load_run_config
+
+    monkeypatch.setenv("CHATRL_TEST_MODELS", str(tmp_path))
+    path = config(tmp_path, TINY.replace("[model]\n", '[model]\npath = "$CHATRL_TEST_MODELS/m"\n'))
+    assert load_run_config(path).model.path == f"{tmp_path}/m"
 
 
 def test_missing_config_file(tmp_path):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -105,6 +107,8 @@ def load_run_config(path: str | Path) -> RunConfig:
     """A run's TOML config; errors name the file, the section and the key."""
     cfg = build(RunConfig, read_toml(path), str(path))
     assert isinstance(cfg, RunConfig)
+    if cfg.model.path:
+        cfg.model.path = _expand(cfg.model.path, f"{path}: [model] path")
     if cfg.label.mode not in ("simulate", "app"):
         raise UserError(f"{path}: [label] mode must be 'simulate' or 'app'")
     if not cfg.world:
@@ -133,6 +137,16 @@ def load_run_config(path: str | Path) -> RunConfig:
         if value and not Path(value).is_file():
             raise UserError(f"{path}: {section}: {value}: file not found")
     return cfg
+
+
+def _expand(value: str, where: str) -> str:
+    """``~`` and ``$VAR`` / ``${VAR}`` expanded (a shared config names a model file that lies
+    somewhere else on each machine); an unset variable is an error naming it."""
+    expanded = os.path.expandvars(os.path.expanduser(value))
+    unset = re.search(r"\$\{?(\w+)", expanded)
+    if unset:
+        raise UserError(f"{where}: environment variable {unset.group(1)} is not set")
+    return expanded
 
 
 def _extras(section: StageConfig) -> dict[str, Any]:
