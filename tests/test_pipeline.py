@@ -184,6 +184,10 @@ def test_changed_section_reruns_from_that_stage(finished_run, tmp_path):
         (TINY.replace("seed = 0", "seed = 'zero'"), "'seed': Input should be a valid integer"),
         ("seed = [", "invalid TOML"),
         (
+            TINY.replace("seed = 0", 'seed = 0\nmethods = ["ppo", "sac"]'),
+            "methods must list stage-3 methods once each, of ppo",
+        ),
+        (
             TINY.replace("[model]\n", '[model]\npath = "${CHATRL_NO_SUCH_MODEL}"\n'),
             "[model] path: environment variable CHATRL_NO_SUCH_MODEL is not set",
         ),

@@ -432,9 +432,11 @@ def evaluate_run(
     *,
     judge: Judge,
     perfect: Perfect,
+    methods: dict[str, Path] | None = None,
     base: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Sample SFT and PPO (temperature 1 and greedy), Best-of-n from SFT picked by the RM,
+    """Sample SFT and each stage-3 method's model (``methods``: name → directory, default
+    ``{"ppo": run/ppo}``) at temperature 1 and greedy, Best-of-n from SFT picked by the RM,
     and the perfect responses, on held-out prompts; judge all with the gold labeler. With
     ``base`` (a pretrained model the run started from, an instruct model say), it too."""
     prompts = load_prompts(prompts_path)
@@ -483,7 +485,8 @@ def evaluate_run(
         prompts, [[c.text for c in g] for g in groups], group_rewards, judge
     )
 
-    rows_of("ppo", run / "ppo")
+    for name, model_dir in (methods or {"ppo": run / "ppo"}).items():
+        rows_of(name, model_dir)
 
     texts = [perfect(p) for p in prompts]
     out["perfect"] = _policy_row(prompts, texts, [True] * len(prompts), sft_texts, judge) | {

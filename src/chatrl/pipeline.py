@@ -1,10 +1,13 @@
 """`chatrl run` and `chatrl demo`: the stages joined into one resumable pipeline.
 
-model → sft → sample → label → rm → ppo → eval, each writing to ``RUN/<stage>/``. A stage
+model → sft → sample → label → rm → stage 3 → eval, each writing to ``RUN/<stage>/``. Stage 3
+is the list ``methods`` (default ``["ppo"]``): each method trains from the same SFT model (and
+reward model), side by side, and eval compares them on the same held-out prompts. A stage
 records a hash of its settings and of everything upstream in ``RUN/<stage>/stage.json``; a
 rerun skips stages whose hash matches and that finished, resumes the one that was
 interrupted (trainers continue from their checkpoint), and reruns a stage whose settings
-changed, with everything after it. Nothing is written outside the run directory.
+changed, with everything that depends on it (a method's settings touch only that method and
+eval). Nothing is written outside the run directory.
 
 With ``world = true`` (the default) the bundled world supplies the data (pretraining text,
 flawed demonstrations, prompt splits), the simulated annotators and the gold labeler used by
@@ -31,7 +34,9 @@ from chatrl.config import LMConfig, PPOConfig, RMConfig, StageConfig, build, rea
 from chatrl.data import load_json_file, write_json, write_jsonl
 from chatrl.errors import UserError
 
-STAGES = ("model", "sft", "sample", "label", "rm", "ppo", "eval")
+UPSTREAM = ("model", "sft", "sample", "label", "rm")
+METHODS = ("ppo",)  # stage 3's methods, in the order a run trains them
+STAGES = (*UPSTREAM, *METHODS, "eval")  # every stage a run may have, in order
 DEMO_CONFIG = Path(__file__).parent / "demo.toml"
 console = Console(stderr=True)
 
@@ -94,6 +99,7 @@ class EvalSection(StageConfig):
 class RunConfig(StageConfig):
     seed: int = 0
     world: bool = True
+    methods: list[str] = ["ppo"]  # stage 3, side by side from the same SFT model
     model: ModelSection = ModelSection()
     sft: SFTSection = SFTSection()
     sample: SampleSection = SampleSection()
@@ -109,6 +115,12 @@ def load_run_config(path: str | Path) -> RunConfig:
     assert isinstance(cfg, RunConfig)
     if cfg.model.path:
         cfg.model.path = _expand(cfg.model.path, f"{path}: [model] path")
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown or not cfg.methods or len(set(cfg.methods)) < len(cfg.methods):
+        raise UserError(
+            f"{path}: methods must list stage-3 methods once each, of {', '.join(METHODS)}"
+            + (f" (not {', '.join(unknown)})" if unknown else "")
+        )
     if cfg.label.mode not in ("simulate", "app"):
         raise UserError(f"{path}: [label] mode must be 'simulate' or 'app'")
     if not cfg.world:
@@ -126,7 +138,7 @@ def load_run_config(path: str | Path) -> RunConfig:
             raise UserError(f"{path}: world = false needs {', '.join(missing)}")
         if cfg.label.mode == "simulate":
             raise UserError(f"{path}: simulated annotators need world = true; use mode = 'app'")
-    for section in ("model", "sft", "rm", "ppo"):
+    for section in ("model", "sft", "rm", *METHODS):
         _stage_settings(cfg, section, Path("RUN"), str(path))  # names unknown keys now
     for section, value in [
         ("[model] text", cfg.model.text),
@@ -363,6 +375,7 @@ def run_eval(run: Run) -> None:
         cfg.seed,
         judge=judge,
         perfect=perfect_response,
+        methods={m: run.dir / m for m in run_stages(cfg) if m in METHODS},
         base=cfg.model.path,  # a pretrained model: how it did before SFT and RL
     )
     write_json(out / "eval.json", evaluation)
@@ -388,6 +401,32 @@ def _file_digest(path: str | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def run_stages(cfg: RunConfig) -> tuple[str, ...]:
+    """The stages of this run, in order: upstream, the methods it compares, eval."""
+    return (*UPSTREAM, *(m for m in METHODS if m in cfg.methods), "eval")
+
+
+def _upstream(cfg: RunConfig, stage: str, digests: dict[str, str]) -> str:
+    """What a stage depends on: the stage before it; a method, the reward model (methods do
+    not depend on each other); eval, every method."""
+    if stage == "eval":
+        return "+".join(digests[m] for m in run_stages(cfg) if m in METHODS)
+    if stage in METHODS:
+        return digests["rm"]
+    previous = UPSTREAM.index(stage) - 1
+    return digests[UPSTREAM[previous]] if previous >= 0 else ""
+
+
+def _forced(cfg: RunConfig, stage: str, from_stage: str | None) -> bool:
+    """Whether ``--from from_stage`` reruns ``stage``: that stage and what depends on it."""
+    if from_stage is None:
+        return False
+    order = run_stages(cfg)
+    if from_stage in METHODS:
+        return stage in (from_stage, "eval")
+    return from_stage in order and order.index(stage) >= order.index(from_stage)
+
+
 def stage_hash(cfg: RunConfig, stage: str, upstream: str) -> str:
     """A hash of the stage's settings (and of the files they name) and of all upstream stages."""
     section = getattr(cfg, stage).model_dump()
@@ -410,14 +449,17 @@ def run_pipeline(
     cfg = load_run_config(config_path)
     if from_stage is not None and from_stage not in STAGES:
         raise UserError(f"--from must be one of {', '.join(STAGES)}")
+    if from_stage is not None and from_stage not in run_stages(cfg):
+        raise UserError(f"--from {from_stage}: this run has no such stage")
     run = Run(cfg, Path(out))
     run.dir.mkdir(parents=True, exist_ok=True)
     if Path(config_path).resolve() != (run.dir / "config.toml").resolve():
         shutil.copyfile(config_path, run.dir / "config.toml")  # the run holds what reproduces it
-    upstream, forced, records = "", False, {}
-    for stage in STAGES:
-        forced = forced or stage == from_stage
-        digest = stage_hash(cfg, stage, upstream)
+    digests: dict[str, str] = {}
+    records = {}
+    for stage in run_stages(cfg):
+        forced = _forced(cfg, stage, from_stage)
+        digest = digests[stage] = stage_hash(cfg, stage, _upstream(cfg, stage, digests))
         state_path = run.dir / stage / "stage.json"
         state = _read_state(state_path)
         if state.get("hash") == digest and state.get("done") and not forced:
@@ -438,7 +480,6 @@ def run_pipeline(
             run.metrics = {}
             console.print(f"[green]✓[/] {stage}: {seconds:.0f} s")
         records[stage] = state
-        upstream = digest
     from chatrl.report import write_report
 
     write_report(run.dir, records, cfg.seed)

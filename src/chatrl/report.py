@@ -16,10 +16,9 @@ from chatrl import __version__
 from chatrl.data import load_json_file, write_json
 from chatrl.precision import hardware
 
-# In table order; "base" rows when the run started from a pretrained model (``[model] path``).
-POLICIES = (
-    "base", "base_greedy", "sft", "sft_greedy", "best_of_n", "ppo", "ppo_greedy", "perfect",
-)  # fmt: skip
+# In table order, with each stage-3 method's two rows after Best-of-n; "base" rows when the
+# run started from a pretrained model (``[model] path``).
+FIRST = ("base", "base_greedy", "sft", "sft_greedy", "best_of_n")
 
 
 def _metrics(path: Path) -> list[dict[str, Any]]:
@@ -28,10 +27,21 @@ def _metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def gap_closed(policies: dict[str, Any]) -> float | None:
-    """Share of the SFT → perfect gold-score gap that PPO closes (temperature 1)."""
-    sft, ppo, perfect = (policies[k]["gold_score"] for k in ("sft", "ppo", "perfect"))
-    return (ppo - sft) / (perfect - sft) if perfect != sft else None
+def policy_order(policies: dict[str, Any]) -> list[str]:
+    """The evaluation's rows in table order: base, SFT, Best-of-n, the methods, perfect."""
+    rest = [p for p in policies if p not in FIRST and p != "perfect"]
+    return [p for p in FIRST if p in policies] + rest + ["perfect"]
+
+
+def methods_of(policies: dict[str, Any]) -> list[str]:
+    """The stage-3 methods evaluated (each has a temperature-1 and a greedy row)."""
+    return [p for p in policy_order(policies) if f"{p}_greedy" in policies and p not in FIRST]
+
+
+def gap_closed(policies: dict[str, Any], method: str = "ppo") -> float | None:
+    """Share of the SFT → perfect gold-score gap that ``method`` closes (temperature 1)."""
+    sft, score, perfect = (policies[k]["gold_score"] for k in ("sft", method, "perfect"))
+    return (score - sft) / (perfect - sft) if perfect != sft else None
 
 
 def targets(policies: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -102,7 +112,7 @@ def plot(run: Path, report: dict[str, Any]) -> list[str]:
     fig.savefig(plots / "training.png", dpi=110)
     written.append("plots/training.png")
 
-    ppo = _metrics(run / "ppo" / "metrics.jsonl")
+    logs = {m: _metrics(run / m / "metrics.jsonl") for m in report.get("methods") or ["ppo"]}
     keys = [
         ("rm_score", "RM score (normalised)"),
         ("gold_score", "gold score"),
@@ -110,11 +120,14 @@ def plot(run: Path, report: dict[str, Any]) -> list[str]:
     ]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for ax, (key, title) in zip(axes, keys, strict=True):
-        points = [(r["step"], r[key]) for r in ppo if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points, strict=True))
+        for method, log in logs.items():
+            points = [(r["step"], r[key]) for r in log if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), label=method)
         ax.set_title(title)
-        ax.set_xlabel("PPO step")
+        ax.set_xlabel("update")
+    if len(logs) > 1:
+        axes[0].legend()
     fig.tight_layout()
     fig.savefig(plots / "ppo.png", dpi=110)
     written.append("plots/ppo.png")
@@ -122,7 +135,7 @@ def plot(run: Path, report: dict[str, Any]) -> list[str]:
     policies = report.get("policies")
     if policies:
         families = sorted(policies["sft"]["accuracy_by_family"])
-        shown = ["sft", "best_of_n", "ppo", "perfect"]
+        shown = ["sft", "best_of_n", *methods_of(policies), "perfect"]
         fig, ax = plt.subplots(figsize=(10, 3.6))
         width = 0.8 / len(shown)
         for i, name in enumerate(shown):
@@ -139,6 +152,39 @@ def plot(run: Path, report: dict[str, Any]) -> list[str]:
         written.append("plots/families.png")
     plt.close("all")
     return written
+
+
+def method_summary(
+    run: Path, policies: dict[str, Any], seconds: dict[str, float]
+) -> dict[str, dict[str, Any]]:
+    """Per stage-3 method: gold score at temperature 1 and greedy, win rate against SFT,
+    refusal and over-refusal, KL to SFT, the share of the SFT → perfect gap closed, the
+    stage's wall time and the tokens its trainer processed (the sum of its log's ``tokens``)."""
+    summary = {}
+    for method in methods_of(policies):
+        row, greedy = policies[method], policies[f"{method}_greedy"]
+        tokens = [r["tokens"] for r in _metrics(run / method / "metrics.jsonl") if "tokens" in r]
+        summary[method] = {
+            "gold_score": row["gold_score"],
+            "gold_score_greedy": greedy["gold_score"],
+            "win_rate_vs_sft": row["win_rate_vs_sft"],
+            "refusal_rate": row["refusal_rate"],
+            "over_refusal_rate": row["over_refusal_rate"],
+            "kl_vs_sft": row["kl_vs_sft"],
+            "gap_closed": gap_closed(policies, method),
+            "seconds": seconds.get(method),
+            "tokens": sum(tokens) if tokens else None,
+        }
+    return summary
+
+
+def _method_table(methods: dict[str, dict[str, Any]]) -> list[str]:
+    """The stage-3 methods side by side, as markdown lines."""
+    cols = list(next(iter(methods.values()), {}))
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, row in methods.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+    return lines
 
 
 def _fmt(value: Any) -> str:
@@ -174,23 +220,22 @@ def markdown(report: dict[str, Any]) -> str:
             "| policy | " + " | ".join(cols) + " |",
             "|---" * (len(cols) + 1) + "|",
         ]
-        for name in (p for p in POLICIES if p in policies):
+        for name in policy_order(policies):
             lines.append(
                 f"| {name} | " + " | ".join(_fmt(policies[name].get(c)) for c in cols) + " |"
             )
+        lines += ["", *_method_table(report["methods"])]
         lines += [
             "",
-            f"- PPO closes {_fmt(report['gap_closed'])} of the SFT → perfect gold-score gap.",
             f"- Reward model agreement with gold on held-out pairs: {_fmt(report['rm_accuracy'])}; "
             f"simulated annotators agree with each other on {_fmt(report['annotator_agreement'])}.",
-            "",
-            "| target | figure | met |",
-            "|---|---|---|",
         ]
-        lines += [
-            f"| {name} | {_fmt(t['value'])} | {'yes' if t['met'] else 'no'} |"
-            for name, t in report["targets"].items()
-        ]
+        if report["targets"]:
+            lines += ["", "| target | figure | met |", "|---|---|---|"]
+            lines += [
+                f"| {name} | {_fmt(t['value'])} | {'yes' if t['met'] else 'no'} |"
+                for name, t in report["targets"].items()
+            ]
         lines += [
             "",
             "Another `--seed` changes the world's data (text, demonstrations, prompts, held-out "
@@ -208,8 +253,10 @@ def markdown(report: dict[str, Any]) -> str:
 
 def precisions(run: Path) -> dict[str, str]:
     """The precision each training stage of ``run`` ran in, from its ``train_config.json``."""
+    upstream = ["model", "sft", "rm"]
+    stages = upstream + sorted(p.parent.name for p in run.glob("*/train_config.json"))
     found = {}
-    for stage in ("model", "sft", "rm", "ppo"):
+    for stage in dict.fromkeys(stages):
         path = run / stage / "train_config.json"
         if path.exists():
             found[stage] = "bf16" if load_json_file(path)["bf16"] else "fp32"
@@ -242,19 +289,17 @@ def write_report(run: Path, records: dict[str, Any], seed: int) -> dict[str, Any
     eval_path = run / "eval" / "eval.json"
     if eval_path.exists():
         evaluation = load_json_file(eval_path)
+        has_ppo = "ppo" in evaluation["policies"]
         report |= {
             "policies": evaluation["policies"],
             "rm_accuracy": evaluation["rm_accuracy"],
             "best_of": evaluation["best_of"],
             "eval_prompts": evaluation["prompts"],
-            "gap_closed": gap_closed(evaluation["policies"]),
-            "targets": targets(evaluation["policies"]),
+            "methods": method_summary(run, evaluation["policies"], report["seconds"]),
+            "gap_closed": gap_closed(evaluation["policies"]) if has_ppo else None,
+            "targets": targets(evaluation["policies"]) if has_ppo else {},
         }
-        report |= {
-            name: evaluation["policies"][name]
-            for name in POLICIES
-            if name in evaluation["policies"]
-        }
+        report |= evaluation["policies"]  # each policy's row at the top level too
     report["plots"] = plot(run, report)
     write_json(run / "report.json", report)
     (run / "report.md").write_text(markdown(report), encoding="utf-8")
