@@ -24,6 +24,7 @@ from chatrl.models import train_tokenizer
 from chatrl.precision import cpu_model, hardware, resolve_bf16
 
 VOCAB = 8192
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as chatrl chooses
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WORDS = (
     "the a cat dog sat ran on under mat house red blue green quick slow river stone tree light "
@@ -82,29 +83,39 @@ def conversations(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
     ]
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
-    """Measured torch.mm throughput in GFLOP/s on this machine, now."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def synchronize() -> None:
+    """Wait for the GPU's queued work (timings end there); nothing on a CPU."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rate(work, per_call: float, seconds: float) -> float:
+    """``per_call`` units of ``work()`` per second, over ``seconds`` after three warm-ups."""
     for _ in range(3):
-        a @ b
+        work()
+    synchronize()
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        a @ b
+        work()
         n += 1
-    return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
+    synchronize()
+    return per_call * n / (time.perf_counter() - start)
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
+    """Measured torch.mm throughput in GFLOP/s on this machine's device, now (8192-wide on a
+    GPU, which 1024-wide products leave mostly idle)."""
+    size = 8192 if DEVICE.type == "cuda" else size
+    a, b = (torch.randn(size, size, dtype=dtype, device=DEVICE) for _ in range(2))
+    return _rate(lambda: a @ b, 2 * size**3 / 1e9, seconds)
 
 
 def copy_bandwidth(megabytes: int = 512, seconds: float = 1.0) -> float:
     """Measured memory bandwidth in GB/s: bytes read plus bytes written by a large tensor copy
     (far beyond the caches), the ceiling of a decode step that reads every weight once."""
-    src = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32).uniform_()
+    src = torch.empty(megabytes * 2**20 // 4, dtype=torch.float32, device=DEVICE).uniform_()
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        dst.copy_(src)
-        n += 1
-    return 2 * src.nbytes * n / (time.perf_counter() - start) / 1e9
+    return _rate(lambda: dst.copy_(src), 2 * src.nbytes / 1e9, seconds)
 
 
 def load_bench_model(path: str | None):
@@ -112,10 +123,11 @@ def load_bench_model(path: str | None):
     model."""
     if path is None:
         tokenizer = bench_tokenizer()
-        return bench_model(tokenizer), tokenizer
+        return bench_model(tokenizer).to(DEVICE), tokenizer
     from chatrl.models import load_causal_lm
 
-    return load_causal_lm(path)
+    model, tokenizer = load_causal_lm(path)
+    return model.to(DEVICE), tokenizer
 
 
 def add_precision(parser: argparse.ArgumentParser) -> None:

@@ -64,7 +64,7 @@ def left_padded(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.T
 
 
 def hf_runner(model, tokenizer, batch: list[list[int]]):
-    ids, mask = left_padded(batch, tokenizer.pad_token_id)
+    ids, mask = (t.to(model.device) for t in left_padded(batch, tokenizer.pad_token_id))
 
     def run() -> int:
         with torch.inference_mode():
@@ -101,6 +101,7 @@ def engine_runner(model, tokenizer, batch: list[list[int]], compile: bool = Fals
 def timed(run) -> float:
     start = time.perf_counter()
     tokens = run()
+    common.synchronize()
     return tokens / (time.perf_counter() - start)
 
 
