@@ -7,8 +7,11 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -45,8 +48,54 @@ def write_sft(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+GOOD_TAIL = " The cat sat on the mat."
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def ranked_record(rng: random.Random, k: int) -> dict:
+    """A question whose best answer is right and ends politely; worse ones lose those."""
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    candidates = [
+        f"The answer is {a + b}.{GOOD_TAIL}",
+        f"The answer is {a + b}.",
+        f"{a} plus {b}",
+        "What is the cat?",
+    ][:k]
+    shown = list(range(k))
+    rng.shuffle(shown)
+    return {
+        "prompt": user(f"What is {a} plus {b}?"),
+        "responses": [candidates[j] for j in shown],
+        "ranking": [shown.index(j) for j in range(k)],
+    }
+
+
+def write_rankings(path: Path, n: int, k: int = 4, seed: int = 0) -> Path:
+    """``n`` rankings of ``ranked_record``'s kind, K = ``k``."""
+    rng = random.Random(seed)
+    path.write_text("".join(json.dumps(ranked_record(rng, k)) + "\n" for _ in range(n)))
+    return path
+
+
 def metric_lines(out: Path) -> list[str]:
     return (out / "metrics.jsonl").read_text().splitlines()
+
+
+def kill_at_first_checkpoint(args: list, out: Path, timeout: float = 120) -> dict:
+    """Run ``chatrl ARGS --out OUT`` and SIGKILL it once its first checkpoint is complete;
+    returns that checkpoint's trainer state (``step``, ``extra``)."""
+    command = [sys.executable, "-m", "chatrl", *map(str, args), "--out", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (out / "checkpoint" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return json.loads((out / "checkpoint" / "trainer_state.json").read_text())
 
 
 def check_resume_after_kill_between_renames(

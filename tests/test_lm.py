@@ -1,13 +1,10 @@
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import check_resume_after_kill_between_renames, write_sft
+from conftest import check_resume_after_kill_between_renames, kill_at_first_checkpoint, write_sft
 from safetensors.torch import load_file
 
 from chatrl.chat_format import (
@@ -120,18 +117,7 @@ def test_resume_after_sigkill_ends_where_an_uninterrupted_run_does(micro_model, 
     chatrl(*args, "--out", tmp_path / "straight", check=True)
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chatrl", *map(str, args), "--out", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while not (out / "checkpoint" / "trainer_state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    step = json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"]
+    step = kill_at_first_checkpoint(args, out)["step"]
     assert 0 < step < 40 and not (out / "model.safetensors").exists()
 
     refused = chatrl(*args, "--out", out)

@@ -7,52 +7,16 @@ import sys
 
 import pytest
 import torch
-from conftest import check_resume_after_kill_between_renames
+from conftest import GOOD_TAIL, check_resume_after_kill_between_renames, user, write_rankings
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from chatrl import reward_model
 from chatrl.config import RMConfig
 from chatrl.data import Ranking, load_rankings
 from chatrl.errors import UserError
-from chatrl.reward_model import RewardScorer
+from chatrl.reward_model import Group, RewardScorer, build_groups, collate_groups
 from chatrl.train import loop
-from chatrl.train.reward import (
-    Group,
-    build_groups,
-    collate_groups,
-    ranking_loss,
-    train_reward,
-)
-
-GOOD_TAIL = " The cat sat on the mat."
-
-
-def user(text):
-    return [{"role": "user", "content": text}]
-
-
-def ranked_record(rng, k):
-    """A question whose best answer is right and ends politely; worse ones lose those."""
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
-    candidates = [
-        f"The answer is {a + b}.{GOOD_TAIL}",
-        f"The answer is {a + b}.",
-        f"{a} plus {b}",
-        "What is the cat?",
-    ][:k]
-    shown = list(range(k))
-    rng.shuffle(shown)
-    return {
-        "prompt": user(f"What is {a} plus {b}?"),
-        "responses": [candidates[j] for j in shown],
-        "ranking": [shown.index(j) for j in range(k)],
-    }
-
-
-def write_rankings(path, n, k=4, seed=0):
-    rng = random.Random(seed)
-    path.write_text("".join(json.dumps(ranked_record(rng, k)) + "\n" for _ in range(n)))
-    return path
+from chatrl.train.reward import ranking_loss, train_reward
 
 
 def chatrl(*args):
@@ -83,8 +47,8 @@ def trained_rm(micro_model, tmp_path_factory):
 def test_ranking_loss_is_the_mean_over_each_rankings_pairs():
     # Ranking A: K=3, best first 0, 2, 1. Ranking B: K=2, response 1 beats 0.
     groups = [
-        Group([[1], [2], [3]], [(0, 2, 1), (0, 1, 2), (2, 1, 1)], {}, None),
-        Group([[4], [5]], [(1, 0, 1)], {}, None),
+        Group([[1], [2], [3]], [0, 0, 0], [(0, 2, 1), (0, 1, 2), (2, 1, 1)], {}, None),
+        Group([[4], [5]], [0, 0], [(1, 0, 1)], {}, None),
     ]
     batch = collate_groups(groups, pad_id=0)
     assert batch["inputs"]["input_ids"].shape == (2, 3)  # one row per ranking

@@ -38,6 +38,7 @@ from transformers.modeling_layers import GenericForSequenceClassification
 from chatrl.chat_format import render
 from chatrl.data import (
     Message,
+    Ranking,
     load_conversations,
     load_rankings,
     load_tasks,
@@ -49,6 +50,7 @@ from chatrl.models import context_length, disable_dropout, load_reward_model
 
 logger = logging.getLogger(__name__)
 
+LISTED = 10  # over-long rankings named one by one in a warning; the rest are counted
 SHORT_ROW = 128  # rows up to this many tokens use the math attention kernel on a CPU
 # Where `chatrl rm` stores the reward normalisation, in the reward model's config.
 REWARD_MEAN, REWARD_STD = "chatrl_reward_mean", "chatrl_reward_std"
@@ -135,6 +137,75 @@ def encode_scored(
     return groups
 
 
+# ---------------------------------------------------------------- rankings, tokenised
+
+
+@dataclass
+class Group:
+    """One ranking, tokenised: its K sequences, where each one's response starts (after the
+    prompt, once cut to length), and its (winner, loser, rank distance) pairs."""
+
+    sequences: list[list[int]]
+    response_starts: list[int]
+    pairs: list[tuple[int, int, int]]
+    meta: dict[str, Any]
+    source: str | None
+
+
+def _named(sources: list[str]) -> str:
+    more = f", and {len(sources) - LISTED} more" if len(sources) > LISTED else ""
+    return ", ".join(sources[:LISTED]) + more
+
+
+def build_groups(
+    tokenizer, rankings: list[Ranking], max_length: int | None
+) -> tuple[list[Group], dict[str, int]]:
+    """Tokenise rankings by the over-length rule (``fit_to_length``); warn about every cut.
+
+    The reward-model and DPO trainers both read their rankings through this. Returns the
+    groups and the counts ``{"rankings", "pairs", "truncated", "skipped"}``.
+    """
+    groups, truncated, skipped = [], [], []
+    for ranking in rankings:
+        encoded = encode_responses(tokenizer, ranking.prompt, ranking.responses)
+        sequences = fit_to_length(encoded, max_length)
+        where = ranking.source or "(rankings)"
+        if sequences is None:
+            skipped.append(where)
+            continue
+        cut = len(encoded[0].ids) - len(sequences[0])
+        if cut:
+            truncated.append(f"{where} (-{cut})")
+        starts = [e.prompt_end - cut for e in encoded]
+        position = {response: place for place, response in enumerate(ranking.ranking)}
+        pairs = [(w, lo, position[lo] - position[w]) for w, lo in ranking.pairs()]
+        groups.append(Group(sequences, starts, pairs, ranking.meta, ranking.source))
+    if truncated:
+        logger.warning(
+            "%d ranking(s) longer than max_length=%s: prompt cut from the left by the tokens "
+            "shown: %s",
+            len(truncated),
+            max_length,
+            _named(truncated),
+        )
+    if skipped:
+        logger.warning(
+            "%d ranking(s) skipped: a response alone is longer than max_length=%s: %s",
+            len(skipped),
+            max_length,
+            _named(skipped),
+        )
+    if rankings and not groups:
+        raise UserError(f"no ranking fits in max_length={max_length} tokens")
+    counts = {
+        "rankings": len(groups),
+        "pairs": sum(len(g.pairs) for g in groups),
+        "truncated": len(truncated),
+        "skipped": len(skipped),
+    }
+    return groups, counts
+
+
 # ---------------------------------------------------------------- the model
 
 
@@ -199,7 +270,12 @@ def shared_prefix(sequences: list[list[int]]) -> int:
     return n
 
 
-def pack_groups(groups: list[list[list[int]]], pad_id: int, pools_last_token: bool) -> dict:
+def pack_groups(
+    groups: list[list[list[int]]],
+    pad_id: int,
+    pools_last_token: bool,
+    response_starts: list[list[int]] | None = None,
+) -> dict:
     """Model inputs scoring every sequence of every group once, in order.
 
     Decoders get one row per group: the group's common prefix (its prompt) once, then each
@@ -209,6 +285,11 @@ def pack_groups(groups: list[list[list[int]]], pad_id: int, pools_last_token: bo
     no group shares anything (all of size 1) there is no mask: rows are right-padded, padding
     sits right of every real token and attention is causal, so SDPA keeps its fast causal
     path. Encoders get one right-padded row per sequence and a padding mask.
+
+    With ``response_starts`` (decoders only: where each sequence's response begins), the
+    batch also says where every response token is predicted, for its log-probability:
+    ``logprob_index`` (flattened row × width + position), ``target_ids`` (the token) and
+    ``target_sequence`` (which sequence it belongs to, in ``score_index`` order).
     """
     if not pools_last_token:
         sequences = [s for g in groups for s in g]
@@ -220,14 +301,21 @@ def pack_groups(groups: list[list[list[int]]], pad_id: int, pools_last_token: bo
             ),
         }
     rows, positions, segments, ends = [], [], [], []
-    for group in groups:
+    predicting, targets, owners = [], [], []  # (row, position) predicting each response token
+    for g, group in enumerate(groups):
         p = shared_prefix(group) if len(group) > 1 else len(group[0])
         row, pos, seg = list(group[0][:p]), list(range(p)), [0] * p
         for i, sequence in enumerate(group, start=1):
-            rest = sequence[p:]
+            rest, offset = sequence[p:], len(row)
             row += rest
             pos += range(p, len(sequence))
             seg += [i] * len(rest)
+            if response_starts is not None:
+                for j in range(response_starts[g][i - 1], len(sequence)):
+                    before = j - 1  # token j is predicted at token j - 1's place in the row
+                    predicting.append((len(rows), before if before < p else offset + before - p))
+                    targets.append(sequence[j])
+                    owners.append(len(ends))
             ends.append((len(rows), len(row) - 1))
         rows.append(row)
         positions.append(pos)
@@ -237,6 +325,10 @@ def pack_groups(groups: list[list[list[int]]], pad_id: int, pools_last_token: bo
         "input_ids": torch.tensor([r + [pad_id] * (width - len(r)) for r in rows]),
         "score_index": torch.tensor([row * width + end for row, end in ends]),
     }
+    if response_starts is not None:
+        batch["logprob_index"] = torch.tensor([row * width + at for row, at in predicting])
+        batch["target_ids"] = torch.tensor(targets)
+        batch["target_sequence"] = torch.tensor(owners)
     if all(len(g) == 1 for g in groups):
         return batch
     # Padding gets segment -1: it sees the prefix and earlier padding (never an empty row,
@@ -253,6 +345,38 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {
         k: to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()
     }
+
+
+def collate_groups(
+    groups: list[Group], pad_id: int, pools_last_token: bool = True, logprobs: bool = False
+) -> dict:
+    """A micro-batch of rankings: model inputs (``pack_groups``; with ``logprobs``, the
+    response tokens' places too) and the pairs as indices into its sequences."""
+    starts = [g.response_starts for g in groups] if logprobs else None
+    batch = pack_groups([g.sequences for g in groups], pad_id, pools_last_token, starts)
+    winners, losers, distance, pair_group = [], [], [], []
+    offset = 0
+    for index, group in enumerate(groups):
+        for w, lo, d in group.pairs:
+            winners.append(offset + w)
+            losers.append(offset + lo)
+            distance.append(d)
+            pair_group.append(index)
+        offset += len(group.sequences)
+    return {
+        "inputs": batch,
+        "winners": torch.tensor(winners),
+        "losers": torch.tensor(losers),
+        "distance": torch.tensor(distance, dtype=torch.float32),
+        "pair_group": torch.tensor(pair_group),
+    }
+
+
+def sum_of_ranking_means(pair_values: torch.Tensor, pair_group: torch.Tensor) -> torch.Tensor:
+    """Σ over rankings of the mean of their pairs' values: each ranking weighs the same, however
+    many pairs it implies (InstructGPT's K(K-1)/2 pairs as one batch element)."""
+    pairs_per_group = torch.bincount(pair_group)
+    return (pair_values / pairs_per_group[pair_group]).sum()
 
 
 @torch.inference_mode()

@@ -8,9 +8,9 @@ apart the two responses are ranked). The update's loss is the mean over its rank
 does not depend on how the batch is split into micro-batches or processes. Pairwise data
 (TRL, HH-RLHF) is the case K = 2.
 
-Over-long rankings: the prompt loses tokens from its start (``reward_model.fit_to_length``);
-a ranking whose response does not fit even with the whole prompt gone is skipped. Both are
-counted and named by file and line.
+Over-long rankings (``reward_model.build_groups``, which the DPO trainer shares): the prompt
+loses tokens from its start; a ranking whose response does not fit even with the whole prompt
+gone is skipped. Both are counted and named by file and line.
 
 After training, the model is normalised (``reward_model.normalise``) over SFT samples for the
 training prompts (``--prompts``; or, without it, every response in the training rankings).
@@ -19,9 +19,7 @@ Loading, scoring and normalisation live in ``chatrl.reward_model``; this module 
 
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,109 +33,19 @@ from chatrl.errors import UserError
 from chatrl.evaluate import pairwise_report, print_report
 from chatrl.models import save_model
 from chatrl.reward_model import (
+    Group,
     LastTokenReward,
-    encode_responses,
-    fit_to_length,
+    build_groups,
+    collate_groups,
     load_reward,
     normalise,
-    pack_groups,
     score_groups,
+    sum_of_ranking_means,
     to_device,
 )
 from chatrl.train.loop import add_lora, batch_schedule, process_sum, start_run, train_autocast
 
-logger = logging.getLogger(__name__)
-
-LISTED = 10  # over-long examples named one by one in a warning; the rest are counted
-
-
-# ---------------------------------------------------------------- encoding
-
-
-@dataclass
-class Group:
-    """One ranking, tokenised: its K sequences and its (winner, loser, rank distance) pairs."""
-
-    sequences: list[list[int]]
-    pairs: list[tuple[int, int, int]]
-    meta: dict[str, Any]
-    source: str | None
-
-
-def _named(sources: list[str]) -> str:
-    more = f", and {len(sources) - LISTED} more" if len(sources) > LISTED else ""
-    return ", ".join(sources[:LISTED]) + more
-
-
-def build_groups(
-    tokenizer, rankings: list[Ranking], max_length: int | None
-) -> tuple[list[Group], dict[str, int]]:
-    """Tokenise rankings by the over-length rule (module docstring); warn about every cut.
-
-    Returns the groups and the counts ``{"rankings", "pairs", "truncated", "skipped"}``.
-    """
-    groups, truncated, skipped = [], [], []
-    for ranking in rankings:
-        encoded = encode_responses(tokenizer, ranking.prompt, ranking.responses)
-        sequences = fit_to_length(encoded, max_length)
-        where = ranking.source or "(rankings)"
-        if sequences is None:
-            skipped.append(where)
-            continue
-        if sequences[0] != encoded[0].ids:
-            truncated.append(f"{where} (-{len(encoded[0].ids) - len(sequences[0])})")
-        position = {response: place for place, response in enumerate(ranking.ranking)}
-        pairs = [(w, lo, position[lo] - position[w]) for w, lo in ranking.pairs()]
-        groups.append(Group(sequences, pairs, ranking.meta, ranking.source))
-    if truncated:
-        logger.warning(
-            "%d ranking(s) longer than max_length=%s: prompt cut from the left by the tokens "
-            "shown: %s",
-            len(truncated),
-            max_length,
-            _named(truncated),
-        )
-    if skipped:
-        logger.warning(
-            "%d ranking(s) skipped: a response alone is longer than max_length=%s: %s",
-            len(skipped),
-            max_length,
-            _named(skipped),
-        )
-    if rankings and not groups:
-        raise UserError(f"no ranking fits in max_length={max_length} tokens")
-    counts = {
-        "rankings": len(groups),
-        "pairs": sum(len(g.pairs) for g in groups),
-        "truncated": len(truncated),
-        "skipped": len(skipped),
-    }
-    return groups, counts
-
-
-# ---------------------------------------------------------------- model
-
-
-def collate_groups(groups: list[Group], pad_id: int, pools_last_token: bool = True) -> dict:
-    """A micro-batch of rankings: model inputs (``pack_groups``) and the pairs as reward
-    indices."""
-    batch = pack_groups([g.sequences for g in groups], pad_id, pools_last_token)
-    winners, losers, distance, pair_group = [], [], [], []
-    offset = 0
-    for index, group in enumerate(groups):
-        for w, lo, d in group.pairs:
-            winners.append(offset + w)
-            losers.append(offset + lo)
-            distance.append(d)
-            pair_group.append(index)
-        offset += len(group.sequences)
-    return {
-        "inputs": batch,
-        "winners": torch.tensor(winners),
-        "losers": torch.tensor(losers),
-        "distance": torch.tensor(distance, dtype=torch.float32),
-        "pair_group": torch.tensor(pair_group),
-    }
+# ---------------------------------------------------------------- loss
 
 
 def ranking_loss(
@@ -155,9 +63,7 @@ def ranking_loss(
     pair_loss = -F.logsigmoid(chosen - rejected - margin * batch["distance"])
     if center_rewards_coefficient:
         pair_loss = pair_loss + center_rewards_coefficient * (chosen + rejected) ** 2
-    group = batch["pair_group"]
-    pairs_per_group = torch.bincount(group)
-    return (pair_loss / pairs_per_group[group]).sum(), (chosen > rejected).sum()
+    return sum_of_ranking_means(pair_loss, batch["pair_group"]), (chosen > rejected).sum()
 
 
 # ---------------------------------------------------------------- evaluation
