@@ -21,7 +21,7 @@ CORE = {
 # Stages, by the prefix of their modules: each may import the core and itself.
 STAGES = (
     "chatrl.sample", "chatrl.train.lm", "chatrl.train.reward", "chatrl.train.ppo",
-    "chatrl.label", "chatrl.teacher",
+    "chatrl.train.dpo", "chatrl.label", "chatrl.teacher",
 )  # fmt: skip
 # The one stage-to-stage import allowed: the teacher's human check feeds the labeling app
 # through LabelStore's public methods (DESIGN.md says why).

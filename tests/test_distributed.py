@@ -20,9 +20,10 @@ from accelerate.utils import DistributedType
 from conftest import write_sft
 from safetensors.torch import load_file
 
-from chatrl.config import LMConfig, PPOConfig, RMConfig
+from chatrl.config import DPOConfig, LMConfig, PPOConfig, RMConfig
 from chatrl.errors import UserError
 from chatrl.models import load_causal_lm, load_reward_model, save_model
+from chatrl.train.dpo import train_dpo
 from chatrl.train.lm import train_lm
 from chatrl.train.loop import CHECK_REPLICAS, check_replicas, process_micro_batches
 from chatrl.train.ppo import train_ppo
@@ -218,6 +219,25 @@ def test_reward_model_on_two_processes_ends_where_one_process_does(micro_model, 
         "rm", settings, tmp_path / "one", tmp_path / "two", [1, 2], keys, tol=1e-6, rel=1e-5
     )
     assert json.loads((tmp_path / "two" / "eval.json").read_text())["normalization"]["std"] > 0
+
+
+@pytest.mark.distributed
+def test_dpo_on_two_processes_ends_where_one_process_does(micro_model, tmp_path):
+    """The processes split the reference pass and each update's rankings."""
+    settings = dict(
+        model=str(micro_model),
+        data=str(write_rankings(tmp_path / "rankings.jsonl", 11)),  # updates of 6 and 5
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        bf16=False,
+        logging_steps=1,
+    )
+    train_dpo(DPOConfig(**settings, out=str(tmp_path / "one")))
+    keys = ["loss", "rewards/accuracies", "rewards/margins", "logps/chosen"]
+    assert_two_processes_match(
+        "dpo", settings, tmp_path / "one", tmp_path / "two", [1, 2], keys, tol=1e-6, rel=1e-5
+    )
 
 
 @pytest.mark.distributed

@@ -261,6 +261,32 @@ def _world_gold(cfg):
     return rollout_gold_score
 
 
+def _dpo_help() -> str:
+    from chatrl.config import DPOConfig
+
+    return _stage_help(
+        "Fine-tune the SFT model on rankings with DPO (stage 3 without a reward model or "
+        "sampling): the policy's log-probability ratio to the frozen SFT model is an implicit "
+        "reward, trained to order each pair as the rankings do. A ranking of K responses is "
+        "its K(K-1)/2 pairs, every response through the model once; TRL prompt/chosen/"
+        "rejected and HH-RLHF pairs are K = 2. --loss-type ipo trains IPO, --label-smoothing "
+        "conservative DPO. Writes the policy as a model directory; metrics.jsonl logs the "
+        "implicit rewards (rewards/chosen, rewards/rejected, rewards/accuracies, "
+        "rewards/margins). See docs/dpo.md.\n\n"
+        "Example: chatrl dpo --model sft/ --data rankings.jsonl --out dpo/ --beta 0.1",
+        DPOConfig,
+    )
+
+
+@app.command("dpo", context_settings=STAGE_SETTINGS, help=_dpo_help())
+def dpo_cmd(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    from chatrl.config import DPOConfig, load_stage, parse_overrides
+    from chatrl.train.dpo import train_dpo
+
+    cfg = load_stage(DPOConfig, config, "dpo", parse_overrides(ctx.args))
+    typer.echo(f"policy -> {train_dpo(cfg)}")
+
+
 class _TrainByDefault(typer.core.TyperGroup):
     """A command group whose `train` runs when no subcommand is named (`chatrl rm --model …`)."""
 

@@ -11,9 +11,16 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from chatrl.errors import UserError
 from chatrl.precision import Precision
@@ -52,7 +59,7 @@ class TrainConfig(StageConfig):
     bf16: Precision = Field("auto", description=BF16_HELP)
     use_peft: bool = Field(
         False,
-        description="train LoRA adapters instead of all weights (rm: and the head; ppo: the "
+        description="train LoRA adapters instead of all weights (rm: and the head; ppo, dpo: the "
         "reference is the policy with its adapters off)",
     )
     lora_r: int = Field(16, gt=0, description="LoRA rank")
@@ -177,6 +184,42 @@ class RMConfig(BatchConfig):
     )
     max_new_tokens: int = Field(64, gt=0, description="length of the normalisation samples")
     temperature: float = Field(1.0, ge=0, description="temperature of the normalisation samples")
+
+
+class DPOConfig(BatchConfig):
+    """Settings of ``chatrl dpo``: direct preference optimisation on rankings; docs/dpo.md."""
+
+    model: str = Field(description="SFT model: the starting policy and the frozen reference")
+    data: str = Field(description="rankings, TRL preference pairs or HH-RLHF pairs (JSONL)")
+    eval_data: str | None = Field(
+        None,
+        validation_alias=AliasChoices("eval_data", "eval"),
+        description="held-out rankings: implicit-reward accuracy and loss (--eval for short)",
+    )
+    max_length: int | None = Field(
+        None, gt=0, description="tokens per prompt + response (default: the model's context)"
+    )
+    beta: float = Field(
+        0.1, gt=0, description="β: strength of the pull towards the reference (IPO: τ)"
+    )
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid",
+        description="sigmoid: DPO (Rafailov et al. 2023, eq. 7; with label_smoothing, "
+        "conservative DPO); ipo: IPO (Azar et al. 2023, eq. 17, per-token log-ratios as TRL)",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="sigmoid only: ε, the assumed share of flipped labels (conservative DPO)",
+    )
+    learning_rate: LearningRate = 1e-6
+
+    @model_validator(mode="after")
+    def _smoothing_is_for_sigmoid(self) -> DPOConfig:
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError("label_smoothing applies to loss_type 'sigmoid' only")
+        return self
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
