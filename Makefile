@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sft.py
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/reward.py
+	$(BIN)/python bench/dpo.py
 	$(BIN)/python bench/ppo.py
 
 clean:

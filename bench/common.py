@@ -15,7 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -81,6 +87,143 @@ def conversations(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
         ]
         for _ in range(n)
     ]
+
+
+def user_turn(rng: random.Random) -> list[dict[str, str]]:
+    return [{"role": "user", "content": sentence(rng, rng.randint(3, 6))}]
+
+
+def reply(rng: random.Random) -> str:
+    return sentence(rng, rng.randint(3, 8))
+
+
+def preference_data(work: Path, n_pairs: int, n_rankings: int, k: int) -> tuple[Path, Path, Path]:
+    """The bench model directory, a file of ``n_pairs`` preference pairs (TRL's conversational
+    prompt/chosen/rejected format) and one of ``n_rankings`` rankings of ``k`` responses: the
+    preference benchmarks' data (prompts and responses of 3-9 words)."""
+    from chatrl.data import write_jsonl
+
+    tokenizer = bench_tokenizer()
+    model = bench_model(tokenizer)
+    model.save_pretrained(work / "model")
+    tokenizer.save_pretrained(work / "model")
+    rng = random.Random(0)
+    pairs = []
+    for _ in range(n_pairs):
+        chosen, rejected = reply(rng), reply(rng)
+        pairs.append(
+            {
+                "prompt": user_turn(rng),
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
+    write_jsonl(work / "pairs.jsonl", pairs)
+    rankings = []
+    for _ in range(n_rankings):
+        order = list(range(k))
+        rng.shuffle(order)
+        prompt = user_turn(rng)
+        rankings.append(
+            {"prompt": prompt, "responses": [reply(rng) for _ in range(k)], "ranking": order}
+        )
+    write_jsonl(work / "rankings.jsonl", rankings)
+    return work / "model", work / "pairs.jsonl", work / "rankings.jsonl"
+
+
+class Clock:
+    """Wall and CPU (this process) seconds between ``start()`` and ``stop()``."""
+
+    started = False
+
+    def start(self) -> None:
+        self.started = True
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def stop(self) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+@contextmanager
+def clocked_training_loop(clock: Clock) -> Iterator[None]:
+    """While inside, a chatrl trainer's training loop runs on ``clock``: the progress bar that
+    the trainer skeleton (``Run.progress``) opens around it starts the clock (unless something
+    earlier did) and stops it when the loop ends."""
+    from chatrl.train import loop as train_loop
+
+    bar = train_loop.progress_bar
+
+    @contextmanager
+    def timed_bar(enabled: bool = True):
+        if not clock.started:
+            clock.start()
+        with bar(enabled) as b:
+            yield b
+        clock.stop()
+
+    train_loop.progress_bar = timed_bar
+    try:
+        yield
+    finally:
+        train_loop.progress_bar = bar
+
+
+def trl_clock(clock: Clock):
+    """A transformers ``TrainerCallback`` that runs ``clock`` through ``Trainer.train()``
+    (unless something earlier started it)."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            if not clock.started:
+                clock.start()
+
+        def on_train_end(self, *args, **kwargs):
+            clock.stop()
+
+    return Timer()
+
+
+def run_side(script: str, name: str, model: Path, data: Path, precision: str) -> dict:
+    """Run one side of a side-by-side benchmark, ``NAME`` = ``side_variant``, in a child process
+    (``script --side SIDE --variant VARIANT --model --data --precision``); its last stdout line
+    is its JSON result."""
+    side, variant = name.split("_", 1)
+    cmd = [sys.executable, script, "--side", side, "--variant", variant]
+    cmd += ["--model", str(model), "--data", str(data), "--precision", precision]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def pairs_line(name: str, n_pairs: int, epochs: int, run: dict) -> str:
+    """One run's pairs/s (wall, whole run where measured, per CPU-second), for the table."""
+    done = n_pairs * epochs
+    whole = f", {done / run['whole_run']:.1f} whole run" if "whole_run" in run else ""
+    return (
+        f"{name:26s} {done / run['seconds']:7.1f} pairs/s  ({n_pairs} pairs x {epochs} epochs "
+        f"in {run['seconds']:.1f} s{whole}; {done / run['cpu_seconds']:.1f} pairs per CPU-second)"
+    )
+
+
+def pairs_results(measured: dict[str, list[dict]], pairs: dict[str, int], epochs: int) -> dict:
+    """Per run: medians over rounds of pairs/s, per CPU-second and over the whole run (where
+    measured), and every round's seconds."""
+    results = {}
+    for name, runs in measured.items():
+        done = pairs[name] * epochs
+        results[name] = {
+            key: round(done / statistics.median(run[field] for run in runs), 1)
+            for key, field in [
+                ("pairs_per_s", "seconds"),
+                ("pairs_per_cpu_s", "cpu_seconds"),
+                ("pairs_per_s_whole_run", "whole_run"),
+            ]
+            if field in runs[0]
+        }
+        results[name]["seconds"] = [round(run["seconds"], 2) for run in runs]
+    return results
 
 
 def synchronize() -> None:

@@ -27,12 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -42,61 +38,8 @@ N_PAIRS, N_RANKINGS, K, BATCH, EPOCHS = 448, 112, 4, 16, 2
 LEARNING_RATE = 1e-4
 
 
-def user(rng: random.Random) -> list[dict[str, str]]:
-    return [{"role": "user", "content": common.sentence(rng, rng.randint(3, 6))}]
-
-
-def assistant(rng: random.Random) -> str:
-    return common.sentence(rng, rng.randint(3, 8))
-
-
-def prepare(work: Path) -> tuple[Path, Path, Path]:
-    """The bench model directory, the pairs file and the rankings file."""
-    from chatrl.data import write_jsonl
-
-    tokenizer = common.bench_tokenizer()
-    model = common.bench_model(tokenizer)
-    model.save_pretrained(work / "model")
-    tokenizer.save_pretrained(work / "model")
-    rng = random.Random(0)
-    pairs = []
-    for _ in range(N_PAIRS):
-        chosen, rejected = assistant(rng), assistant(rng)
-        pairs.append(
-            {
-                "prompt": user(rng),
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-            }
-        )
-    write_jsonl(work / "pairs.jsonl", pairs)
-    rankings = []
-    for _ in range(N_RANKINGS):
-        order = list(range(K))
-        rng.shuffle(order)
-        prompt = user(rng)
-        rankings.append(
-            {"prompt": prompt, "responses": [assistant(rng) for _ in range(K)], "ranking": order}
-        )
-    write_jsonl(work / "rankings.jsonl", rankings)
-    return work / "model", work / "pairs.jsonl", work / "rankings.jsonl"
-
-
-class Clock:
-    """Wall and CPU (this process) seconds between ``start()`` and ``stop()``."""
-
-    def start(self) -> None:
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def stop(self) -> None:
-        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
-
-
 def run_chatrl(model: Path, data: Path, out: Path, batch: int, bf16: bool) -> dict[str, float]:
-    from contextlib import contextmanager
-
     from chatrl.config import RMConfig
-    from chatrl.train import loop as train_loop
     from chatrl.train import reward
 
     cfg = RMConfig(
@@ -104,19 +47,10 @@ def run_chatrl(model: Path, data: Path, out: Path, batch: int, bf16: bool) -> di
         num_train_epochs=EPOCHS, bf16=bf16, save_steps=10**9, learning_rate=LEARNING_RATE,
         warmup_ratio=0.0,
     )  # fmt: skip
-    loop, total = Clock(), Clock()
-    bar = train_loop.progress_bar
-
-    @contextmanager
-    def timed_bar(enabled: bool = True):  # the progress bar spans exactly the training loop
-        loop.start()
-        with bar(enabled) as b:
-            yield b
-        loop.stop()
-
-    train_loop.progress_bar = timed_bar  # the skeleton's Run.progress opens it
+    loop, total = common.Clock(), common.Clock()
     total.start()
-    reward.train_reward(cfg)
+    with common.clocked_training_loop(loop):
+        reward.train_reward(cfg)
     total.stop()
     return {"seconds": loop.wall, "cpu_seconds": loop.cpu, "whole_run": total.wall}
 
@@ -125,18 +59,10 @@ def run_trl(
     model_dir: Path, data: Path, out: Path, checkpointing: bool, bf16: bool
 ) -> dict[str, float]:
     from datasets import load_dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    clock = Clock()
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *args, **kwargs):
-            clock.start()
-
-        def on_train_end(self, *args, **kwargs):
-            clock.stop()
-
+    clock = common.Clock()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
     config = RewardConfig(
@@ -149,7 +75,7 @@ def run_trl(
     trainer = RewardTrainer(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer
     )
-    trainer.add_callback(Timer())
+    trainer.add_callback(common.trl_clock(clock))
     trainer.train()
     return {"seconds": clock.wall, "cpu_seconds": clock.cpu}
 
@@ -166,7 +92,7 @@ def side(args, precision: str) -> None:
 
 def main(reps: int, precision: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-reward-"))
-    model, pairs, rankings = prepare(work)
+    model, pairs, rankings = common.preference_data(work, N_PAIRS, N_RANKINGS, K)
     runs = [
         ("trl_default", pairs, N_PAIRS),
         ("trl_no-checkpointing", pairs, N_PAIRS),
@@ -176,38 +102,10 @@ def main(reps: int, precision: str) -> None:
     measured: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in runs}
     for _ in range(reps):  # rounds alternate the sides, so a busy spell hits all of them
         for name, data, n_pairs in runs:
-            side_name, variant = name.split("_", 1)
-            cmd = [sys.executable, __file__, "--side", side_name, "--variant", variant]
-            cmd += ["--model", str(model), "--data", str(data), "--precision", precision]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
-            run = json.loads(done.stdout.strip().splitlines()[-1])
+            run = common.run_side(__file__, name, model, data, precision)
             measured[name].append(run)
-            setup = (
-                f", {n_pairs * EPOCHS / run['whole_run']:.1f} whole run"
-                if "whole_run" in run
-                else ""
-            )
-            print(
-                f"{name:22s} {n_pairs * EPOCHS / run['seconds']:7.1f} pairs/s  "
-                f"({n_pairs} pairs x {EPOCHS} epochs in {run['seconds']:.1f} s{setup}; "
-                f"{n_pairs * EPOCHS / run['cpu_seconds']:.1f} pairs per CPU-second)",
-                flush=True,
-            )
-    results = {}
-    for name, _, n_pairs in runs:
-        done = n_pairs * EPOCHS
-        results[name] = {
-            key: round(done / statistics.median(run[field] for run in measured[name]), 1)
-            for key, field in [
-                ("pairs_per_s", "seconds"),
-                ("pairs_per_cpu_s", "cpu_seconds"),
-                ("pairs_per_s_whole_run", "whole_run"),
-            ]
-            if field in measured[name][0]
-        }
-        results[name]["seconds"] = [round(run["seconds"], 2) for run in measured[name]]
+            print(common.pairs_line(name, n_pairs, EPOCHS, run), flush=True)
+    results = common.pairs_results(measured, {name: n for name, _, n in runs}, EPOCHS)
 
     def ratio(a: str, b: str, key: str = "pairs_per_s") -> float:
         return round(results[a][key] / results[b][key], 2)
