@@ -285,6 +285,20 @@ def add_precision(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def side_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of a side-by-side benchmark: ``--side``, ``--variant``, ``--model`` and
+    ``--data`` (how ``run_side`` starts one side in a child process) and ``--precision``."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--side", choices=["chatrl", "trl"])
+    parser.add_argument("--variant")
+    parser.add_argument("--model")
+    parser.add_argument("--data")
+    add_precision(parser)
+    return parser
+
+
 def resolve_precision(choice: str, what: str) -> str:
     """``"fp32"`` or ``"bf16"`` for a ``--precision`` choice, said on stderr as chatrl says it."""
     setting = {"auto": "auto", "fp32": False, "bf16": True}[choice]

@@ -25,7 +25,6 @@ responses share one forward and their prompt is computed once.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -136,15 +135,8 @@ def main(reps: int, precision: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--side", choices=["chatrl", "trl"])
-    parser.add_argument("--variant")
-    parser.add_argument("--model")
-    parser.add_argument("--data")
+    parser = common.side_parser(__doc__)
     parser.add_argument("--reps", type=int, default=1, help="rounds of all four runs")
-    common.add_precision(parser)
     args = parser.parse_args()
     precision = common.resolve_precision(args.precision, "bench/reward.py")
     side(args, precision) if args.side else main(args.reps, precision)

@@ -18,7 +18,6 @@ fine-tuning, 4 x with LoRA (no weight gradients; the adapters' own FLOPs are neg
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -147,7 +146,7 @@ def run_trl(model_dir: Path, data: Path, out: Path, checkpointing: bool, bf16: b
 
 def side(args, precision: str) -> None:
     out, bf16 = Path(tempfile.mkdtemp()), precision == "bf16"
-    model, data = Path(args.model_dir), Path(args.data)
+    model, data = Path(args.model), Path(args.data)
     if args.side == "chatrl":
         seconds = run_chatrl(model, data, out / "o", args.variant == "packing", bf16, args)
     else:
@@ -175,7 +174,7 @@ def main(args, precision: str) -> None:
             name,
             "--variant",
             variant,
-            "--model-dir",
+            "--model",  # the model's directory (a .gguf file resolved)
             str(model),
             "--data",
             str(data),
@@ -219,19 +218,11 @@ def main(args, precision: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", help="a real model: directory or .gguf (default: bench model)")
+    parser = common.side_parser(__doc__)  # --model: a real model, directory or .gguf
     parser.add_argument("--lora", action="store_true", help="LoRA on both sides")
     parser.add_argument("--conversations", type=int, help="default: 1024, or 64 with --model")
     parser.add_argument("--batch", type=int, help="default: 16, or 4 with --model")
     parser.add_argument("--epochs", type=float, help="default: 2, or 1 with --model")
-    parser.add_argument("--side", choices=["chatrl", "trl"], help=argparse.SUPPRESS)
-    parser.add_argument("--variant", help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    common.add_precision(parser)
     args = parser.parse_args()
     defaults = SIZES["real" if args.model else "bench"]
     for name, default in zip(("conversations", "batch", "epochs"), defaults, strict=True):
