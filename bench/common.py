@@ -18,6 +18,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -197,6 +198,19 @@ def run_side(script: str, name: str, model: Path, data: Path, precision: str) ->
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def preference_side(args, precision: str, run_chatrl, run_trl, batch: int, k: int) -> None:
+    """One side of a preference benchmark (``run_side`` started it), its result as a JSON line:
+    ``run_chatrl(model, data, out, batch, bf16)`` with ``batch`` pairs, or with K-way rankings
+    as many responses per forward; or ``run_trl(model, data, out, variant, bf16)``."""
+    out, bf16 = Path(tempfile.mkdtemp()) / "o", precision == "bf16"
+    model, data = Path(args.model), Path(args.data)
+    if args.side == "chatrl":
+        rankings = batch if args.variant == "pairs" else batch * 2 // k
+        print(json.dumps(run_chatrl(model, data, out, rankings, bf16)))
+    else:
+        print(json.dumps(run_trl(model, data, out, args.variant, bf16)))
+
+
 def pairs_line(name: str, n_pairs: int, epochs: int, run: dict) -> str:
     """One run's pairs/s (wall, whole run where measured, per CPU-second), for the table."""
     done = n_pairs * epochs
@@ -207,22 +221,36 @@ def pairs_line(name: str, n_pairs: int, epochs: int, run: dict) -> str:
     )
 
 
-def pairs_results(measured: dict[str, list[dict]], pairs: dict[str, int], epochs: int) -> dict:
-    """Per run: medians over rounds of pairs/s, per CPU-second and over the whole run (where
-    measured), and every round's seconds."""
+def pairs_rounds(
+    script: str,
+    runs: list[tuple[str, Path, int]],
+    model: Path,
+    precision: str,
+    reps: int,
+    epochs: int,
+) -> dict:
+    """``reps`` rounds of every run (name, data file, pairs in it) through ``run_side``, each
+    printed by ``pairs_line`` as it ends; then per run the medians over rounds of pairs/s, per
+    CPU-second and over the whole run (where measured), and every round's seconds."""
+    measured: dict[str, list[dict]] = {name: [] for name, _, _ in runs}
+    for _ in range(reps):  # rounds alternate the sides, so a busy spell hits all of them
+        for name, data, n_pairs in runs:
+            run = run_side(script, name, model, data, precision)
+            measured[name].append(run)
+            print(pairs_line(name, n_pairs, epochs, run), flush=True)
     results = {}
-    for name, runs in measured.items():
-        done = pairs[name] * epochs
+    for name, _, n_pairs in runs:
+        done = n_pairs * epochs
         results[name] = {
-            key: round(done / statistics.median(run[field] for run in runs), 1)
+            key: round(done / statistics.median(run[field] for run in measured[name]), 1)
             for key, field in [
                 ("pairs_per_s", "seconds"),
                 ("pairs_per_cpu_s", "cpu_seconds"),
                 ("pairs_per_s_whole_run", "whole_run"),
             ]
-            if field in runs[0]
+            if field in measured[name][0]
         }
-        results[name]["seconds"] = [round(run["seconds"], 2) for run in runs]
+        results[name]["seconds"] = [round(run["seconds"], 2) for run in measured[name]]
     return results
 
 

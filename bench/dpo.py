@@ -26,7 +26,6 @@ pairs per ranking: every response of a ranking goes through the model once, its 
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -100,16 +99,6 @@ def run_trl(model_dir: Path, data: Path, out: Path, variant: str, bf16: bool) ->
     return {"seconds": clock.wall, "cpu_seconds": clock.cpu}
 
 
-def side(args, precision: str) -> None:
-    out, bf16 = Path(tempfile.mkdtemp()) / "o", precision == "bf16"
-    model, data = Path(args.model), Path(args.data)
-    if args.side == "chatrl":
-        batch = BATCH if args.variant == "pairs" else BATCH * 2 // K
-        print(json.dumps(run_chatrl(model, data, out, batch, bf16)))
-    else:
-        print(json.dumps(run_trl(model, data, out, args.variant, bf16)))
-
-
 def main(reps: int, precision: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     model, pairs, rankings = common.preference_data(work, N_PAIRS, N_RANKINGS, K)
@@ -118,13 +107,7 @@ def main(reps: int, precision: str) -> None:
         ("chatrl_pairs", pairs, N_PAIRS),
         ("chatrl_rankings-k4", rankings, N_RANKINGS * K * (K - 1) // 2),
     ]
-    measured: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in runs}
-    for _ in range(reps):  # rounds alternate the sides, so a busy spell hits all of them
-        for name, data, n_pairs in runs:
-            run = common.run_side(__file__, name, model, data, precision)
-            measured[name].append(run)
-            print(common.pairs_line(name, n_pairs, EPOCHS, run), flush=True)
-    results = common.pairs_results(measured, {name: n for name, _, n in runs}, EPOCHS)
+    results = common.pairs_rounds(__file__, runs, model, precision, reps, EPOCHS)
 
     def ratio(a: str, b: str, key: str = "pairs_per_s") -> float:
         return round(results[a][key] / results[b][key], 2)
@@ -156,4 +139,7 @@ if __name__ == "__main__":
     parser.add_argument("--reps", type=int, default=1, help="rounds of all five runs")
     args = parser.parse_args()
     precision = common.resolve_precision(args.precision, "bench/dpo.py")
-    side(args, precision) if args.side else main(args.reps, precision)
+    if args.side:
+        common.preference_side(args, precision, run_chatrl, run_trl, BATCH, K)
+    else:
+        main(args.reps, precision)

@@ -25,7 +25,6 @@ responses share one forward and their prompt is computed once.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -54,9 +53,7 @@ def run_chatrl(model: Path, data: Path, out: Path, batch: int, bf16: bool) -> di
     return {"seconds": loop.wall, "cpu_seconds": loop.cpu, "whole_run": total.wall}
 
 
-def run_trl(
-    model_dir: Path, data: Path, out: Path, checkpointing: bool, bf16: bool
-) -> dict[str, float]:
+def run_trl(model_dir: Path, data: Path, out: Path, variant: str, bf16: bool) -> dict[str, float]:
     from datasets import load_dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
@@ -66,7 +63,7 @@ def run_trl(
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
     config = RewardConfig(
         output_dir=str(out), per_device_train_batch_size=BATCH, num_train_epochs=EPOCHS,
-        bf16=bf16, use_cpu=True, gradient_checkpointing=checkpointing, max_length=1024,
+        bf16=bf16, use_cpu=True, gradient_checkpointing=variant == "default", max_length=1024,
         learning_rate=LEARNING_RATE, report_to="none", save_strategy="no",
         logging_steps=10**9, dataloader_num_workers=0,
     )  # fmt: skip
@@ -79,16 +76,6 @@ def run_trl(
     return {"seconds": clock.wall, "cpu_seconds": clock.cpu}
 
 
-def side(args, precision: str) -> None:
-    out, bf16 = Path(tempfile.mkdtemp()) / "o", precision == "bf16"
-    model, data = Path(args.model), Path(args.data)
-    if args.side == "chatrl":
-        batch = BATCH if args.variant == "pairs" else BATCH * 2 // K
-        print(json.dumps(run_chatrl(model, data, out, batch, bf16)))
-    else:
-        print(json.dumps(run_trl(model, data, out, args.variant == "default", bf16)))
-
-
 def main(reps: int, precision: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-reward-"))
     model, pairs, rankings = common.preference_data(work, N_PAIRS, N_RANKINGS, K)
@@ -98,13 +85,7 @@ def main(reps: int, precision: str) -> None:
         ("chatrl_pairs", pairs, N_PAIRS),
         ("chatrl_rankings-k4", rankings, N_RANKINGS * K * (K - 1) // 2),
     ]
-    measured: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in runs}
-    for _ in range(reps):  # rounds alternate the sides, so a busy spell hits all of them
-        for name, data, n_pairs in runs:
-            run = common.run_side(__file__, name, model, data, precision)
-            measured[name].append(run)
-            print(common.pairs_line(name, n_pairs, EPOCHS, run), flush=True)
-    results = common.pairs_results(measured, {name: n for name, _, n in runs}, EPOCHS)
+    results = common.pairs_rounds(__file__, runs, model, precision, reps, EPOCHS)
 
     def ratio(a: str, b: str, key: str = "pairs_per_s") -> float:
         return round(results[a][key] / results[b][key], 2)
@@ -139,4 +120,7 @@ if __name__ == "__main__":
     parser.add_argument("--reps", type=int, default=1, help="rounds of all four runs")
     args = parser.parse_args()
     precision = common.resolve_precision(args.precision, "bench/reward.py")
-    side(args, precision) if args.side else main(args.reps, precision)
+    if args.side:
+        common.preference_side(args, precision, run_chatrl, run_trl, BATCH, K)
+    else:
+        main(args.reps, precision)
