@@ -278,7 +278,7 @@ def ranking_terms(
     implicit rewards β·log-ratio (chosen, rejected, margin, right order) and log-probs."""
     logratios = logps - ref_logps
     winners, losers = batch["winners"], batch["losers"]
-    tokens = torch.bincount(batch["inputs"]["target_sequence"], minlength=len(logps))
+    tokens = torch.bincount(batch["inputs"]["target_sequence"], minlength=len(logps)).clamp(min=1)
     pair_loss = preference_loss(
         logratios[winners],
         logratios[losers],
