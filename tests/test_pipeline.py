@@ -169,6 +169,39 @@ def test_changed_section_reruns_from_that_stage(finished_run, tmp_path):
     assert skipped == ["model", "sft", "sample", "label"]
 
 
+@pytest.mark.slow
+def test_methods_train_side_by_side_and_the_card_compares_them(finished_run, tmp_path):
+    """Adding DPO to stage 3 trains DPO from the same SFT model and rankings, keeps PPO, and
+    reruns eval; ``--from dpo`` reruns DPO and eval only."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    text = (
+        (out / "config.toml").read_text().replace("seed = 0", 'seed = 0\nmethods = ["ppo", "dpo"]')
+    )
+    text += "[dpo]\nmax_steps = 3\nlearning_rate = 1e-3\n"
+    result = chatrl("run", config(tmp_path, text), "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    skipped = [
+        line.split(":")[0].strip("✓ ") for line in result.stderr.splitlines() if "skipped" in line
+    ]
+    assert skipped == ["model", "sft", "sample", "label", "rm", "ppo"]
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["methods"]) == ["ppo", "dpo"]
+    dpo = report["methods"]["dpo"]
+    assert dpo["tokens"] > 0 and dpo["seconds"] > 0
+    assert set(REPORT_FIELDS) <= set(report["dpo"]) and "dpo_greedy" in report["policies"]
+    assert report["ppo"]["gold_score"] == report["methods"]["ppo"]["gold_score"]
+    card = (out / "report.md").read_text()
+    assert "| method |" in card and "| dpo |" in card
+
+    again = chatrl("run", config(tmp_path, text), "--out", out, "--from", "dpo")
+    assert again.returncode == 0, again.stderr[-3000:]
+    ran = [line.split("▶")[1].strip() for line in again.stderr.splitlines() if "▶" in line]
+    assert ran == ["dpo", "eval"]
+
+
 @pytest.mark.parametrize(
     "text, message",
     [

@@ -30,12 +30,20 @@ from typing import Any
 
 from rich.console import Console
 
-from chatrl.config import LMConfig, PPOConfig, RMConfig, StageConfig, build, read_toml
+from chatrl.config import (
+    DPOConfig,
+    LMConfig,
+    PPOConfig,
+    RMConfig,
+    StageConfig,
+    build,
+    read_toml,
+)
 from chatrl.data import load_json_file, write_json, write_jsonl
 from chatrl.errors import UserError
 
 UPSTREAM = ("model", "sft", "sample", "label", "rm")
-METHODS = ("ppo",)  # stage 3's methods, in the order a run trains them
+METHODS = ("ppo", "dpo")  # stage 3's methods, in the order a run trains them
 STAGES = (*UPSTREAM, *METHODS, "eval")  # every stage a run may have, in order
 DEMO_CONFIG = Path(__file__).parent / "demo.toml"
 console = Console(stderr=True)
@@ -89,6 +97,10 @@ class PPOSection(StageConfig, extra="allow"):
     world_prompts: int = 2000
 
 
+class DPOSection(StageConfig, extra="allow"):
+    pass
+
+
 class EvalSection(StageConfig):
     world_prompts: int = 300
     best_of: int = 8
@@ -106,6 +118,7 @@ class RunConfig(StageConfig):
     label: LabelSection = LabelSection()
     rm: RMSection = RMSection()
     ppo: PPOSection = PPOSection()
+    dpo: DPOSection = DPOSection()
     eval: EvalSection = EvalSection()
 
 
@@ -188,6 +201,13 @@ def _stage_settings(cfg: RunConfig, stage: str, run: Path, source: str = "config
             "out": str(run / "rm"),
         }
         return build(RMConfig, {**seed, **_extras(cfg.rm), **wiring}, where)
+    if stage == "dpo":  # on the same rankings as the reward model, from the SFT model
+        wiring = {
+            "model": str(run / "sft"),
+            "data": str(run / "label" / "rankings.jsonl"),
+            "out": str(run / "dpo"),
+        }
+        return build(DPOConfig, {**seed, **_extras(cfg.dpo), **wiring}, where)
     wiring = {
         "policy": str(run / "sft"),
         "reward": str(run / "rm"),
@@ -358,6 +378,14 @@ def run_ppo(run: Run) -> None:
     train_ppo(settings, rollout_metrics=rollout_gold_score if cfg.world else None)
 
 
+def run_dpo(run: Run) -> None:
+    from chatrl.train.dpo import train_dpo
+
+    settings = _stage_settings(run.cfg, "dpo", run.dir)
+    settings.resume = True
+    train_dpo(settings)
+
+
 def run_eval(run: Run) -> None:
     from chatrl.evaluate import evaluate_run
     from chatrl.world import judge, perfect_response
@@ -388,6 +416,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], None]] = {
     "label": run_label,
     "rm": run_rm,
     "ppo": run_ppo,
+    "dpo": run_dpo,
     "eval": run_eval,
 }
 

@@ -159,7 +159,7 @@ def method_summary(
 ) -> dict[str, dict[str, Any]]:
     """Per stage-3 method: gold score at temperature 1 and greedy, win rate against SFT,
     refusal and over-refusal, KL to SFT, the share of the SFT → perfect gap closed, the
-    stage's wall time and the tokens its trainer processed (the sum of its log's ``tokens``)."""
+    stage's wall time and the tokens its trainer read (its log's running ``tokens``)."""
     summary = {}
     for method in methods_of(policies):
         row, greedy = policies[method], policies[f"{method}_greedy"]
@@ -173,7 +173,7 @@ def method_summary(
             "kl_vs_sft": row["kl_vs_sft"],
             "gap_closed": gap_closed(policies, method),
             "seconds": seconds.get(method),
-            "tokens": sum(tokens) if tokens else None,
+            "tokens": tokens[-1] if tokens else None,
         }
     return summary
 

@@ -341,6 +341,15 @@ def pack_groups(
     return batch
 
 
+def packed_tokens(inputs: dict) -> int:
+    """The tokens a decoder reads in a ``pack_groups`` batch, padding left out: each row ends
+    where its last sequence does."""
+    width = inputs["input_ids"].shape[1]
+    rows, ends = inputs["score_index"] // width, inputs["score_index"] % width
+    lengths = torch.zeros(inputs["input_ids"].shape[0], dtype=torch.long)
+    return int(lengths.scatter_reduce(0, rows.cpu(), ends.cpu() + 1, "amax").sum())
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {
         k: to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()

@@ -45,6 +45,7 @@ from chatrl.reward_model import (
     Group,
     build_groups,
     collate_groups,
+    packed_tokens,
     sum_of_ranking_means,
     to_device,
 )
@@ -97,7 +98,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
         return held_out_metrics(logps, eval_ref, eval_groups, cfg)
 
     module.train()
-    pairs_seen, started = 0, time.perf_counter()
+    pairs_seen, tokens, started = 0, 0, time.perf_counter()
     with run.progress(len(schedule)) as show:
         for step in range(start, len(schedule)):
             # Each process divides by the update's global ranking count; DDP averages
@@ -106,6 +107,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
             loss_total, sums, pairs = 0.0, dict.fromkeys(PAIR_SUMS + LOGP_SUMS, 0.0), 0
             for micro, weight in run.accumulate(module, schedule[step]):
                 batch = collate_groups([groups[i] for i in micro], pad_id, logprobs=True)
+                tokens += packed_tokens(batch["inputs"]) * weight
                 batch = to_device(batch, accelerator.device)
                 reference = torch.cat([ref[i] for i in micro]).to(accelerator.device)
                 # 2. Policy log-probs: one forward, every response of every ranking once.
@@ -138,6 +140,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
                     grad_norm=float(grad_norm),
                     learning_rate=scheduler.get_last_lr()[0],
                     pairs_per_s=pairs_per_s,
+                    tokens=process_sum(accelerator, tokens)[0],  # read so far, all processes
                 )
             if eval_groups and cfg.eval_steps and done % cfg.eval_steps == 0:
                 run.log.log(done, **{f"eval_{k}": v for k, v in run_eval().items()})
