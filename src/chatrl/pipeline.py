@@ -122,9 +122,26 @@ class RunConfig(StageConfig):
     eval: EvalSection = EvalSection()
 
 
+def read_run_toml(path: str | Path) -> dict[str, Any]:
+    """A run config's table, with ``extends = "demo"`` (the bundled demo.toml) or ``extends =
+    "FILE.toml"`` (relative to this file) resolved: that config's sections, with this file's
+    keys in their place where both set one."""
+    table = read_toml(path)
+    base = table.pop("extends", None)
+    if base is None:
+        return table
+    if not isinstance(base, str):
+        raise UserError(f"{path}: extends must name a config file, or \"demo\"")
+    merged = read_run_toml(DEMO_CONFIG if base == "demo" else Path(path).parent / base)
+    for key, value in table.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if both else value
+    return merged
+
+
 def load_run_config(path: str | Path) -> RunConfig:
     """A run's TOML config; errors name the file, the section and the key."""
-    cfg = build(RunConfig, read_toml(path), str(path))
+    cfg = build(RunConfig, read_run_toml(path), str(path))
     assert isinstance(cfg, RunConfig)
     if cfg.model.path:
         cfg.model.path = _expand(cfg.model.path, f"{path}: [model] path")
