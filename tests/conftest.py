@@ -80,6 +80,17 @@ def write_rankings(path: Path, n: int, k: int = 4, seed: int = 0) -> Path:
     return path
 
 
+def write_prompts(path: Path, n: int, seed: int = 0) -> Path:
+    """Prompts asking for small sums, each with meta {"id": i}."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for i in range(n):
+            question = f"What is {rng.randint(0, 4)} + {rng.randint(0, 4)}?"
+            record = {"messages": [{"role": "user", "content": question}], "meta": {"id": i}}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
 def metric_lines(out: Path) -> list[str]:
     return (out / "metrics.jsonl").read_text().splitlines()
 
@@ -151,6 +162,55 @@ def check_resume_after_kill_between_renames(
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     for name in ("checkpoint", ".checkpoint.old", ".checkpoint.tmp"):
         assert not (out / name).exists(), name
+
+
+def check_resume_after_sigkill(
+    args: list, tmp_path: Path, steps: int
+) -> tuple[dict, list[dict], list[dict]]:
+    """``chatrl *args --max-steps steps --save-steps 2`` killed with SIGKILL once it has
+    checkpointed refuses to start over without --resume, and with it ends bit for bit where an
+    uninterrupted run ends, logging the same steps. Returns the killed run's checkpoint state
+    and the two runs' metrics."""
+    args = [*map(str, args), "--max-steps", str(steps), "--save-steps", "2"]
+
+    def chatrl(*extra, check=True):
+        return subprocess.run(
+            [sys.executable, "-m", "chatrl", *args, *map(str, extra)],
+            capture_output=True,
+            text=True,
+            check=check,
+        )
+
+    chatrl("--out", tmp_path / "straight")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatrl", *args, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (out / "checkpoint" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert 0 < state["step"] < steps and not (out / "model.safetensors").exists()
+
+    refused = chatrl("--out", out, check=False)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    chatrl("--out", out, "--resume")
+
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(out / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
+    straight, resumed = (
+        [json.loads(line) for line in metric_lines(path)] for path in (tmp_path / "straight", out)
+    )
+    assert (
+        [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, steps + 1))
+    )
+    return state, straight, resumed
 
 
 @pytest.fixture(scope="session")

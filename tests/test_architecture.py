@@ -16,12 +16,14 @@ PACKAGE = Path(chatrl.__file__).parent
 CORE = {
     "chatrl", "chatrl.errors", "chatrl.precision", "chatrl.config", "chatrl.data",
     "chatrl.chat_format", "chatrl.models", "chatrl.llama_decode", "chatrl.engine",
-    "chatrl.reward_model", "chatrl.evaluate", "chatrl.train", "chatrl.train.loop",
+    "chatrl.reward_model", "chatrl.reward_fn", "chatrl.evaluate", "chatrl.train",
+    "chatrl.train.loop", "chatrl.train.rollout",
 }  # fmt: skip
 # Stages, by the prefix of their modules: each may import the core and itself.
 STAGES = (
     "chatrl.sample", "chatrl.train.lm", "chatrl.train.reward", "chatrl.train.ppo",
-    "chatrl.train.dpo", "chatrl.label", "chatrl.teacher",
+    "chatrl.train.dpo", "chatrl.train.rloo", "chatrl.train.grpo", "chatrl.label",
+    "chatrl.teacher",
 )  # fmt: skip
 # The one stage-to-stage import allowed: the teacher's human check feeds the labeling app
 # through LabelStore's public methods (DESIGN.md says why).

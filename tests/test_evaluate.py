@@ -118,6 +118,21 @@ def test_evaluate_model_against_itself_and_another_model(world_models, prompts, 
     assert {f"accuracy: {p.meta['family']}" for p in prompts} <= set(labels)  # a row per family
 
 
+def test_best_of_n_picks_by_a_reward_function(world_models, prompts, tmp_path):
+    path = tmp_path / "heldout.jsonl"
+    write_jsonl(path, (p.to_json() for p in prompts[:12]))
+    args = ["eval", "--model", str(world_models[0]), "--prompts", str(path), "--out"]
+    args += [str(tmp_path / "one.json"), "--max-new-tokens", "12"]
+    one = CliRunner().invoke(app, args)
+    args[-3] = str(tmp_path / "best.json")
+    best = CliRunner().invoke(app, [*args, "--best-of", "4", "--reward-fn", "reward_fns:shortest"])
+    assert one.exit_code == 0 and best.exit_code == 0, best.output
+    one, best = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "best"))
+    assert best["settings"]["best_of"] == 4
+    assert best["settings"]["reward"] == "1.0 x reward_fns:shortest"
+    assert best["model"]["mean_words"] < one["model"]["mean_words"]
+
+
 def test_eval_command_prints_a_table_and_writes_json(world_models, prompts, tmp_path):
     path = tmp_path / "heldout.jsonl"
     chosen = [p for p in prompts if p.meta["family"] == "harmful"][:2]

@@ -1,51 +1,39 @@
 import json
 import math
-import os
-import random
-import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import arithmetic_lines, check_resume_after_kill_between_renames, write_sft
-from safetensors.torch import load_file
+from conftest import (
+    arithmetic_lines,
+    check_resume_after_kill_between_renames,
+    check_resume_after_sigkill,
+    write_prompts,
+    write_sft,
+)
 
 from chatrl.config import LMConfig, PPOConfig
 from chatrl.data import load_prompts
 from chatrl.engine import Engine
 from chatrl.models import init_model, load_causal_lm, load_reward_model, save_model
+from chatrl.reward_fn import Reward
 from chatrl.reward_model import RewardScorer
-from chatrl.train import ppo
+from chatrl.train import ppo, rollout
 from chatrl.train.lm import train_lm
 from chatrl.train.loop import add_lora
 from chatrl.train.ppo import (
     ActorCritic,
     KLController,
-    Models,
     collect_rollout,
     gae,
     per_token_rewards,
     policy_loss,
-    reference_logprobs,
-    sample_responses,
-    token_logprobs,
     train_ppo,
     value_loss,
     whiten,
 )
-
-
-def write_prompts(path, n, seed=0):
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for i in range(n):
-            question = f"What is {rng.randint(0, 4)} + {rng.randint(0, 4)}?"
-            record = {"messages": [{"role": "user", "content": question}], "meta": {"id": i}}
-            f.write(json.dumps(record) + "\n")
-    return path
+from chatrl.train.rollout import Models, reference_logprobs, sample_responses, token_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +50,16 @@ def setup(micro_model, tmp_path_factory):
     }
 
 
-def build_models(setup, cfg: PPOConfig) -> Models:
+def build_models(setup, cfg: PPOConfig) -> tuple[Models, ActorCritic]:
     policy, tok = load_causal_lm(setup["policy"])
     reference = None
     if cfg.use_peft:
         policy = add_lora(policy, cfg)
     else:
         reference = load_causal_lm(setup["policy"])[0].eval()
-    critic = ppo.load_critic(cfg, tok)
-    actor_critic = ActorCritic(policy, critic)
-    reward = RewardScorer(setup["reward"], device="cpu")
-    return Models(actor_critic, reference, reward, tok, Engine(policy, tok))
+    actor_critic = ActorCritic(policy, ppo.load_critic(cfg, tok))
+    reward = Reward(setup["reward"], device="cpu")
+    return Models(policy, reference, reward, tok, Engine(policy, tok)), actor_critic
 
 
 def ppo_config(setup, tmp_path, **overrides) -> PPOConfig:
@@ -182,9 +169,9 @@ def test_adaptive_kl_controller_follows_ziegler_et_al():
 
 def test_rollouts_are_scored_by_the_normalised_reward_model(setup):
     cfg = PPOConfig(**setup, out="unused", response_length=8)
-    models = build_models(setup, cfg)
+    models, _ = build_models(setup, cfg)
     prompts = load_prompts(setup["prompts"])[:6]
-    s = sample_responses(models, cfg, prompts, 1, 3, NoAccelerate(), ppo.Stopwatch())
+    s = sample_responses(models, cfg, prompts, 1, 3, NoAccelerate(), rollout.Stopwatch())
     texts = [c.text for c in s.completions]
     raw = RewardScorer(setup["reward"], device="cpu").score(
         [p.messages for p in prompts], texts, raw=True
@@ -194,24 +181,27 @@ def test_rollouts_are_scored_by_the_normalised_reward_model(setup):
 
 def test_kl_penalty_is_zero_when_the_policy_is_the_reference(setup, tmp_path):
     cfg = ppo_config(setup, tmp_path)
-    models = build_models(setup, cfg)
+    models, _ = build_models(setup, cfg)
     prompts = load_prompts(setup["prompts"])[:8]
-    s = sample_responses(models, cfg, prompts, 1, 1, NoAccelerate(), ppo.Stopwatch())
+    s = sample_responses(models, cfg, prompts, 1, 1, NoAccelerate(), rollout.Stopwatch())
     assert (s.logprobs - s.ref_logprobs).mul(s.mask).abs().max() < 1e-4
     rewards = per_token_rewards(s.logprobs, s.ref_logprobs, s.scores, s.mask, kl_coef=0.5)
     assert torch.allclose(rewards.sum(1), s.scores, atol=1e-4)
-    metrics = ppo.response_metrics(s)
+    metrics = rollout.response_metrics(s)
     assert abs(metrics["kl"]) < 1e-3 and abs(metrics["kl_k3"]) < 1e-6
 
 
 def test_ratio_is_one_on_the_first_mini_batch(setup, tmp_path):
     """The engine's log-probs (KV-cached decoding) equal the training forward's."""
     cfg = ppo_config(setup, tmp_path, samples_per_prompt=2)
-    models = build_models(setup, cfg)
+    models, actor_critic = build_models(setup, cfg)
     prompts = load_prompts(setup["prompts"])[:4]
-    rollout, _ = collect_rollout(models, cfg, prompts, 0.05, 3, NoAccelerate(), ppo.Stopwatch())
-    first = rollout.rows(torch.randperm(8)[:4])
-    logits, values = models.actor_critic(first.input_ids, first.index)
+    clock = rollout.Stopwatch()
+    collected, _ = collect_rollout(
+        models, actor_critic, cfg, prompts, 0.05, 3, NoAccelerate(), clock
+    )
+    first = collected.rows(torch.randperm(8)[:4])
+    logits, values = actor_critic(first.input_ids, first.index)
     log_ratio = (token_logprobs(logits, first.tokens) - first.logprobs) * first.mask
     assert log_ratio.abs().max() < 1e-5
     # ... and the critic's values are those the advantages were computed with.
@@ -220,12 +210,12 @@ def test_ratio_is_one_on_the_first_mini_batch(setup, tmp_path):
 
 def test_ptx_loss_is_the_language_model_loss(setup, tmp_path):
     cfg = ppo_config(setup, tmp_path)
-    models = build_models(setup, cfg)
+    models, _ = build_models(setup, cfg)
     data = write_sft(tmp_path / "sft.jsonl", 16)
     rows = ppo.load_ptx_rows(str(data), models.tokenizer, 64)
     ids, labels = ppo.ptx_batch(rows, 4, 0, models.tokenizer.pad_token_id, "cpu")
-    ptx_loss = ppo.ptx_loss(models.actor_critic.policy, ids, labels)
-    expected = models.actor_critic.policy(input_ids=ids, labels=labels).loss
+    ptx_loss = ppo.ptx_loss(models.policy, ids, labels)
+    expected = models.policy(input_ids=ids, labels=labels).loss
     assert ptx_loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -275,15 +265,15 @@ def test_lora_value_head_run_keeps_the_sft_model_as_reference(setup, tmp_path):
 
 def test_reference_with_lora_is_the_policy_with_adapters_off(setup, tmp_path):
     cfg = ppo_config(setup, tmp_path, use_peft=True, response_length=8)
-    models = build_models(setup, cfg)
+    models, _ = build_models(setup, cfg)
     with torch.no_grad():
-        for name, p in models.actor_critic.policy.named_parameters():
+        for name, p in models.policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # adapters now change the policy
     prompts = load_prompts(setup["prompts"])[:4]
-    s = sample_responses(models, cfg, prompts, 1, 1, NoAccelerate(), ppo.Stopwatch())
+    s = sample_responses(models, cfg, prompts, 1, 1, NoAccelerate(), rollout.Stopwatch())
     sft, _ = load_causal_lm(setup["policy"])
-    expected = ppo.policy_logprobs(sft, s.input_ids, s.index, s.tokens)
+    expected = rollout.policy_logprobs(sft, s.input_ids, s.index, s.tokens)
     got = reference_logprobs(models, s)
     assert ((got - expected) * s.mask).abs().max() < 1e-5
     assert ((s.logprobs - expected) * s.mask).abs().max() > 1e-2
@@ -363,49 +353,12 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(setup, tmp_path):
         8,
         "--response-length",
         12,
-        "--max-steps",
-        8,
-        "--save-steps",
-        2,
         "--adaptive-kl",
         "--kl-target",
         0.01,
     ]
-
-    def chatrl(*extra, check=True):
-        return subprocess.run(
-            [sys.executable, "-m", "chatrl", *map(str, args), *map(str, extra)],
-            capture_output=True,
-            text=True,
-            check=check,
-        )
-
-    chatrl("--out", tmp_path / "straight")
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chatrl", *map(str, args), "--out", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while not (out / "checkpoint" / "trainer_state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
-    assert 0 < state["step"] < 8 and not (out / "model.safetensors").exists()
+    state, straight, resumed = check_resume_after_sigkill(args, tmp_path, steps=8)
     assert state["extra"]["kl_coef"] != 0.05  # the adaptive β is part of the checkpoint
-
-    refused = chatrl("--out", out, check=False)
-    assert refused.returncode == 2 and "--resume" in refused.stderr
-    chatrl("--out", out, "--resume")
-
-    a = load_file(tmp_path / "straight" / "model.safetensors")
-    b = load_file(out / "model.safetensors")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
-    straight, resumed = metrics_of(tmp_path / "straight"), metrics_of(out)
-    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, 9))
     assert [r["kl_coef"] for r in resumed] == [r["kl_coef"] for r in straight]
 
 
@@ -421,7 +374,7 @@ def test_resume_after_a_kill_between_the_checkpoint_renames(setup, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_ppo_raises_a_synthetic_reward_with_bounded_kl(tmp_path, monkeypatch):
+def test_ppo_raises_a_synthetic_reward_with_bounded_kl(tmp_path):
     """+1 for responses that contain the word "is": PPO on the tiny preset learns to say it."""
     base = init_model("tiny", arithmetic_lines(400), tmp_path / "base")
     sft = train_lm(
@@ -436,17 +389,9 @@ def test_ppo_raises_a_synthetic_reward_with_bounded_kl(tmp_path, monkeypatch):
         "sft",
     )
 
-    class WordReward:
-        def __init__(self, path, device, bf16):
-            pass
-
-        def score(self, prompts, responses):
-            return torch.tensor([float(bool(re.search(r"\bis\b", r))) for r in responses])
-
-    monkeypatch.setattr(ppo, "RewardScorer", WordReward)
     cfg = PPOConfig(
         policy=str(sft),
-        reward=str(sft),
+        reward_fn="reward_fns:says_is",
         value_head=True,
         prompts=str(write_prompts(tmp_path / "prompts.jsonl", 256)),
         out=str(tmp_path / "ppo"),
@@ -459,8 +404,8 @@ def test_ppo_raises_a_synthetic_reward_with_bounded_kl(tmp_path, monkeypatch):
         max_steps=16,
     )
     log = metrics_of(train_ppo(cfg))
-    trajectory = [(round(r["rm_score"], 2), round(r["kl"], 2)) for r in log]
-    first = sum(r["rm_score"] for r in log[:5]) / 5
-    last = sum(r["rm_score"] for r in log[-5:]) / 5
+    trajectory = [(round(r["reward_fn_score"], 2), round(r["kl"], 2)) for r in log]
+    first = sum(r["reward_fn_score"] for r in log[:5]) / 5
+    last = sum(r["reward_fn_score"] for r in log[-5:]) / 5
     assert last > first + 0.25, trajectory
     assert max(r["kl"] for r in log) < 15, trajectory

@@ -186,20 +186,33 @@ def eval_cmd(
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 1.0,
     max_new_tokens: Annotated[int, typer.Option(help="Longest response, in tokens.")] = 64,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    best_of: Annotated[
+        int, typer.Option(min=1, help="Best-of-n: sample n, keep the one the reward ranks first.")
+    ] = 1,
+    reward: Annotated[
+        Path | None, typer.Option(help="Best-of-n: reward model directory to pick by.")
+    ] = None,
+    reward_fn: Annotated[
+        str | None,
+        typer.Option(help="Best-of-n: reward function module:function (with --reward: summed)."),
+    ] = None,
 ) -> None:
     """Score a model's responses to world prompts with the gold labeler.
 
     Reports mean gold score, win rate against the baseline (ties count half), refusal rate on
     harmful prompts, over-refusal rate on borderline ones, accuracy per family, length,
     repetition and stop rates, the KL divergence from the baseline, and the same figures for
-    the world's perfect responses (the ceiling).
+    the world's perfect responses (the ceiling). With --best-of N, the model's response to
+    each prompt is the best of N by a reward model and/or a reward function.
     """
     from rich.table import Table
 
     from chatrl.data import load_prompts, write_json
     from chatrl.evaluate import evaluate_model, table_rows
+    from chatrl.reward_fn import Reward
     from chatrl.world import judge, perfect_response
 
+    picker = Reward(reward, reward_fn) if reward is not None or reward_fn else None
     report = evaluate_model(
         model,
         load_prompts(prompts),
@@ -210,6 +223,8 @@ def eval_cmd(
         samples,
         judge=judge,
         perfect=perfect_response,
+        best_of=best_of,
+        reward=picker,
     )
     columns, rows = table_rows(report)
     table = Table(title=f"{prompts.name}, temperature {temperature}")
@@ -230,9 +245,10 @@ def _ppo_help() -> str:
         "Fine-tune the SFT policy with PPO against a reward model (stage 3): sampled responses "
         "are scored by the reward model, less a KL penalty to the SFT model, and the policy "
         "follows the clipped surrogate; a critic started from the reward model estimates "
-        "advantages. Writes the policy as a model directory; metrics.jsonl logs every update "
-        "(with prompts from `chatrl world prompts`, also the gold labeler's score: "
-        "gold_score, eval_gold_score). See docs/ppo.md.\n\n"
+        "advantages. --reward-fn module:function scores with a Python function instead, or "
+        "beside the reward model (a weighted sum). Writes the policy as a model directory; "
+        "metrics.jsonl logs every update (with prompts from `chatrl world prompts`, also the "
+        "gold labeler's score: gold_score, eval_gold_score). See docs/ppo.md.\n\n"
         "Example: chatrl ppo --policy sft/ --reward rm/ --prompts prompts.jsonl --out ppo/",
         PPOConfig,
     )
@@ -240,11 +256,62 @@ def _ppo_help() -> str:
 
 @app.command("ppo", context_settings=STAGE_SETTINGS, help=_ppo_help())
 def ppo_cmd(ctx: typer.Context, config: ConfigOpt = None) -> None:
-    from chatrl.config import PPOConfig, load_stage, parse_overrides
+    from chatrl.config import PPOConfig
     from chatrl.train.ppo import train_ppo
 
-    cfg = load_stage(PPOConfig, config, "ppo", parse_overrides(ctx.args))
-    typer.echo(f"policy -> {train_ppo(cfg, rollout_metrics=_world_gold(cfg))}")
+    _online_command(ctx, config, "ppo", PPOConfig, train_ppo)
+
+
+def _rloo_help() -> str:
+    from chatrl.config import RLOOConfig
+
+    return _stage_help(
+        "Fine-tune the SFT policy with RLOO (stage 3, no critic): num_generations responses per "
+        "prompt, each scored (reward model and/or --reward-fn) less β × its KL to the SFT model, "
+        "and REINFORCE with the mean of the other responses' rewards as baseline (Ahmadian et "
+        "al. 2024). Writes the policy as a model directory; metrics.jsonl as `chatrl ppo`'s. "
+        "See docs/rl.md.\n\n"
+        "Example: chatrl rloo --policy sft/ --reward rm/ --prompts prompts.jsonl --out rloo/",
+        RLOOConfig,
+    )
+
+
+@app.command("rloo", context_settings=STAGE_SETTINGS, help=_rloo_help())
+def rloo_cmd(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    from chatrl.config import RLOOConfig
+    from chatrl.train.rloo import train_rloo
+
+    _online_command(ctx, config, "rloo", RLOOConfig, train_rloo)
+
+
+def _grpo_help() -> str:
+    from chatrl.config import GRPOConfig
+
+    return _stage_help(
+        "Fine-tune the SFT policy with GRPO (stage 3, no critic): num_generations responses per "
+        "prompt, advantages normalised within each group, the clipped surrogate and β × the k3 "
+        "KL to the SFT model as a loss term (Shao et al. 2024); --loss-type dr_grpo "
+        "--scale-rewards none is Dr. GRPO. Rewards from a reward model and/or --reward-fn "
+        "(e.g. chatrl.world:gold_reward, a verifiable reward). See docs/rl.md.\n\n"
+        "Example: chatrl grpo --policy sft/ --reward-fn chatrl.world:gold_reward "
+        "--prompts prompts.jsonl --out grpo/",
+        GRPOConfig,
+    )
+
+
+@app.command("grpo", context_settings=STAGE_SETTINGS, help=_grpo_help())
+def grpo_cmd(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    from chatrl.config import GRPOConfig
+    from chatrl.train.grpo import train_grpo
+
+    _online_command(ctx, config, "grpo", GRPOConfig, train_grpo)
+
+
+def _online_command(ctx: typer.Context, config: Path | None, section: str, cls, train) -> None:
+    from chatrl.config import load_stage, parse_overrides
+
+    cfg = load_stage(cls, config, section, parse_overrides(ctx.args))
+    typer.echo(f"policy -> {train(cfg, rollout_metrics=_world_gold(cfg))}")
 
 
 def _world_gold(cfg):

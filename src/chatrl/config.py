@@ -109,53 +109,107 @@ class LMConfig(BatchConfig):
     learning_rate: LearningRate = 1e-3
 
 
-class PPOConfig(TrainConfig):
-    """Settings of ``chatrl ppo`` (stage 3); docs/ppo.md gives the reasons for the defaults."""
+class RolloutConfig(TrainConfig):
+    """What every online RL trainer shares (PPO, RLOO, GRPO; ``chatrl.train.rollout``): the
+    policy, the reward (a reward model, a reward function or a weighted sum of both), the
+    prompts, and how responses are sampled."""
 
     policy: str = Field(description="SFT model directory: the starting policy and the reference")
-    reward: str = Field(description="reward model directory (from `chatrl rm`)")
+    reward: str | None = Field(None, description="reward model directory (from `chatrl rm`)")
+    reward_fn: str | None = Field(
+        None,
+        description="reward function module:function, called on (prompt messages, response "
+        "texts) batched, returning floats (chatrl.world:gold_reward: the world's gold labeler)",
+    )
+    reward_model_weight: float = Field(1.0, description="weight of the reward model's score")
+    reward_fn_weight: float = Field(1.0, description="weight of the reward function's value")
     prompts: str = Field(description="JSONL prompts to roll out on")
-    value_model: str | None = Field(
-        None, description="directory to start the critic from (default: the reward model)"
-    )
-    value_head: bool = Field(
-        False, description="value head on the policy instead of a separate critic (less memory)"
-    )
     eval_prompts: str | None = Field(None, description="held-out JSONL prompts for evaluation")
     rollout_batch_size: int = Field(64, gt=0, description="responses sampled per update")
-    samples_per_prompt: int = Field(1, gt=0, description="responses per prompt in a rollout")
-    num_ppo_epochs: int = Field(4, gt=0, description="passes over each rollout batch")
-    num_mini_batches: int = Field(2, gt=0, description="optimiser steps per PPO epoch")
+    num_mini_batches: int = Field(2, gt=0, description="optimiser steps per pass over a rollout")
     learning_rate: LearningRate = Field(2e-5, description="policy AdamW learning rate")
-    value_learning_rate: float = Field(1e-4, gt=0, description="critic AdamW learning rate")
     warmup_ratio: WarmupRatio = 0.0
     response_length: int = Field(48, gt=0, description="most tokens per sampled response")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of rollouts")
-    kl_coef: float = Field(0.05, ge=0, description="β: per-token KL penalty (initial if adaptive)")
-    adaptive_kl: bool = Field(False, description="adapt β to reach kl_target (Ziegler et al.)")
-    kl_target: float = Field(6.0, gt=0, description="adaptive β: target KL per response (nats)")
-    kl_horizon: int = Field(10000, gt=0, description="adaptive β: horizon in responses")
     kl_budget: float | None = Field(
         None, gt=0, description="stop when a rollout's mean KL to the SFT model exceeds this"
     )
-    cliprange: float = Field(0.2, gt=0, description="PPO ratio clipping ε")
-    cliprange_value: float = Field(0.2, gt=0, description="value clipping around old values")
-    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
-    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount γ")
-    lam: float = Field(0.95, ge=0, le=1, description="GAE λ")
     missing_eos_penalty: float = Field(
         1.0, ge=0, description="subtracted from the score of responses that never stop"
     )
     reject_truncated: bool = Field(
         False, description="leave responses that never stop out of the update instead"
     )
+    save_steps: SaveSteps = 20
+
+    @model_validator(mode="after")
+    def _needs_a_reward(self) -> RolloutConfig:
+        if self.reward is None and self.reward_fn is None:
+            raise ValueError("set reward (a reward model), reward_fn (a function), or both")
+        return self
+
+
+class PPOConfig(RolloutConfig):
+    """Settings of ``chatrl ppo`` (stage 3); docs/ppo.md gives the reasons for the defaults."""
+
+    value_model: str | None = Field(
+        None, description="directory to start the critic from (default: the reward model)"
+    )
+    value_head: bool = Field(
+        False, description="value head on the policy instead of a separate critic (less memory)"
+    )
+    samples_per_prompt: int = Field(1, gt=0, description="responses per prompt in a rollout")
+    num_ppo_epochs: int = Field(4, gt=0, description="passes over each rollout batch")
+    value_learning_rate: float = Field(1e-4, gt=0, description="critic AdamW learning rate")
+    kl_coef: float = Field(0.05, ge=0, description="β: per-token KL penalty (initial if adaptive)")
+    adaptive_kl: bool = Field(False, description="adapt β to reach kl_target (Ziegler et al.)")
+    kl_target: float = Field(6.0, gt=0, description="adaptive β: target KL per response (nats)")
+    kl_horizon: int = Field(10000, gt=0, description="adaptive β: horizon in responses")
+    cliprange: float = Field(0.2, gt=0, description="PPO ratio clipping ε")
+    cliprange_value: float = Field(0.2, gt=0, description="value clipping around old values")
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount γ")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ")
     ptx_data: str | None = Field(
         None, description="PPO-ptx: SFT conversations or text for the language-model loss"
     )
     ptx_coef: float = Field(0.2, ge=0, description="PPO-ptx: γ, weight of that loss")
     ptx_batch_size: int = Field(8, gt=0, description="PPO-ptx: rows per mini-batch")
     ptx_max_length: int = Field(256, gt=0, description="PPO-ptx: tokens per row")
-    save_steps: SaveSteps = 20
+
+
+class GroupConfig(RolloutConfig):
+    """The critic-free methods (RLOO, GRPO): a group of responses per prompt is its own
+    baseline. Names as TRL's RLOOConfig and GRPOConfig."""
+
+    num_generations: int = Field(4, gt=1, description="responses per prompt: a group")
+    num_iterations: int = Field(1, gt=0, description="μ: passes over each rollout batch")
+    num_mini_batches: int = Field(1, gt=0, description="optimiser steps per pass over a rollout")
+    epsilon: float = Field(0.2, gt=0, description="ratio clipping ε")
+
+
+class RLOOConfig(GroupConfig):
+    """Settings of ``chatrl rloo``: REINFORCE with a leave-one-out baseline (Ahmadian et al.
+    2024), the KL to the SFT model in the reward; docs/rl.md."""
+
+    beta: float = Field(0.05, ge=0, description="β: KL penalty in the reward (per response)")
+
+
+class GRPOConfig(GroupConfig):
+    """Settings of ``chatrl grpo``: group-normalised advantages and the KL as a loss term
+    (Shao et al. 2024); Dr. GRPO with loss_type dr_grpo and scale_rewards none; docs/rl.md."""
+
+    beta: float = Field(0.04, ge=0, description="β: weight of the k3 KL loss term (0: none)")
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        "grpo",
+        description="grpo: token mean per response, then mean; dr_grpo: token sum over "
+        "responses × response_length (Dr. GRPO); dapo: token mean over the mini-batch",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="divide advantages by the std of the group's rewards, the batch's, or not "
+        "at all (none: Dr. GRPO)",
+    )
 
 
 class RMConfig(BatchConfig):

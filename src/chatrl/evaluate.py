@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
@@ -27,7 +28,7 @@ from chatrl.chat_format import encode_prompt
 from chatrl.data import Prompt, Ranking, load_prompts, write_jsonl
 from chatrl.engine import Completion, SamplingParams, load_engine
 from chatrl.errors import UserError
-from chatrl.reward_model import RewardScorer
+from chatrl.reward_fn import Reward
 
 
 class Verdict(Protocol):
@@ -76,10 +77,17 @@ def kl_per_response(
     log-ratio on greedy or tempered samples otherwise). k3 = Σ_t (ρ_t − 1 − log ρ_t) with
     ρ_t = π_ref(y_t) / π(y_t): never negative, lower variance (Schulman, "Approximating KL").
     """
-    log_ratio = (ref_logprobs - logprobs) * mask
-    k1 = -log_ratio.sum(-1)
-    k3 = ((log_ratio.exp() - 1 - log_ratio) * mask).sum(-1)
+    k1 = ((logprobs - ref_logprobs) * mask).sum(-1)
+    k3 = kl_k3(logprobs, ref_logprobs, mask).sum(-1)
     return k1, k3
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The k3 estimate of KL(π ‖ π_ref) at each sampled token: ρ − 1 − log ρ, ρ = π_ref / π
+    (Schulman, "Approximating KL"); 0 where ``mask`` is. GRPO's KL loss term (Shao et al.
+    2024, eq. 4)."""
+    log_ratio = (ref_logprobs - logprobs) * mask  # masked first: padding never overflows exp
+    return log_ratio.exp() - 1 - log_ratio
 
 
 @torch.no_grad()
@@ -284,6 +292,18 @@ def _sample(model_dir: str | Path, prompts: list[Prompt], params: SamplingParams
     return engine, engine.generate_chat([p.messages for p in prompts], params)
 
 
+def best_of_n(
+    completions: list[Completion], prompts: list[Prompt], n: int, reward: Reward
+) -> tuple[list[Completion], list[list[float]]]:
+    """Best-of-n: of each prompt's ``n`` completions (prompt-major, as the engine returns
+    them), the one ``reward`` scores highest (the first of equals); and every reward, by prompt."""
+    texts, finished = completion_texts(completions)
+    scores, _ = reward.score([prompts[c.prompt_index] for c in completions], texts, finished)
+    rewards = [scores[i * n : (i + 1) * n].tolist() for i in range(len(prompts))]
+    best = [completions[i * n + max(range(n), key=r.__getitem__)] for i, r in enumerate(rewards)]
+    return best, rewards
+
+
 def evaluate_model(
     model_dir: str | Path,
     prompts: list[Prompt],
@@ -295,8 +315,11 @@ def evaluate_model(
     *,
     judge: Judge,
     perfect: Perfect,
+    best_of: int = 1,
+    reward: Reward | None = None,
 ) -> dict[str, Any]:
-    """Sample the model (and the baseline) once per prompt and score against the gold labeler.
+    """Sample the model (and the baseline) once per prompt and score against the gold labeler;
+    with ``best_of`` n > 1, the model's response is the best of n by ``reward`` (Best-of-n).
 
     The report has ``model``, ``perfect`` (the labeler's perfect responses: the ceiling, with
     its win rate against the model) and, with a baseline, ``baseline``, the model's win rate
@@ -306,8 +329,12 @@ def evaluate_model(
     if not prompts:
         raise UserError("no prompts to evaluate")
     best = [perfect(p) for p in prompts]  # checks the prompts' meta before sampling
+    if best_of > 1 and reward is None:
+        raise UserError("Best-of-n needs a reward to pick by: a reward model or a reward_fn")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    engine, completions = _sample(model_dir, prompts, params)
+    engine, completions = _sample(model_dir, prompts, replace(params, n=best_of))
+    if best_of > 1:
+        completions, _ = best_of_n(completions, prompts, best_of, reward)
     texts, finished = completion_texts(completions)
     model_metrics = evaluate_responses(prompts, texts, finished, judge=judge)
     model_metrics["mean_tokens"] = _mean([float(len(c.token_ids)) for c in completions])
@@ -323,6 +350,8 @@ def evaluate_model(
             "temperature": temperature,
             "seed": seed,
             "max_new_tokens": max_new_tokens,
+            "best_of": best_of,
+            "reward": None if reward is None else reward.describe(),
         },
         "model": model_metrics,
         "perfect": perfect_metrics,
@@ -434,11 +463,13 @@ def evaluate_run(
     perfect: Perfect,
     methods: dict[str, Path] | None = None,
     base: str | Path | None = None,
+    reward: Reward | None = None,
 ) -> dict[str, Any]:
     """Sample SFT and each stage-3 method's model (``methods``: name → directory, default
-    ``{"ppo": run/ppo}``) at temperature 1 and greedy, Best-of-n from SFT picked by the RM,
-    and the perfect responses, on held-out prompts; judge all with the gold labeler. With
-    ``base`` (a pretrained model the run started from, an instruct model say), it too."""
+    ``{"ppo": run/ppo}``) at temperature 1 and greedy, Best-of-n from SFT picked by ``reward``
+    (default: the run's reward model), and the perfect responses, on held-out prompts; judge
+    all with the gold labeler. With ``base`` (a pretrained model the run started from, an
+    instruct model say), it too."""
     prompts = load_prompts(prompts_path)
     conversations = [p.messages for p in prompts]
     sample = SamplingParams(
@@ -472,13 +503,8 @@ def evaluate_run(
     many = sft_engine.generate(
         prompt_ids, SamplingParams(**{**sample.__dict__, "n": n, "seed": seed + 1})
     )
-    scorer = RewardScorer(run / "rm")
-    rewards = scorer.score(
-        [c for c in conversations for _ in range(n)], [c.text for c in many]
-    ).tolist()
+    best, group_rewards = best_of_n(many, prompts, n, reward or Reward(run / "rm"))
     groups = [many[i * n : (i + 1) * n] for i in range(len(prompts))]
-    group_rewards = [rewards[i * n : (i + 1) * n] for i in range(len(prompts))]
-    best = [g[max(range(n), key=r.__getitem__)] for g, r in zip(groups, group_rewards, strict=True)]
     # KL of Best-of-n from its base policy has a closed-form upper bound: log n − (n−1)/n.
     out["best_of_n"] = row(best) | {"kl_vs_sft": math.log(n) - (n - 1) / n}
     rm_accuracy = gold_agreement(

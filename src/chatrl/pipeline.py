@@ -131,7 +131,7 @@ def read_run_toml(path: str | Path) -> dict[str, Any]:
     if base is None:
         return table
     if not isinstance(base, str):
-        raise UserError(f"{path}: extends must name a config file, or \"demo\"")
+        raise UserError(f'{path}: extends must name a config file, or "demo"')
     merged = read_run_toml(DEMO_CONFIG if base == "demo" else Path(path).parent / base)
     for key, value in table.items():
         both = isinstance(value, dict) and isinstance(merged.get(key), dict)

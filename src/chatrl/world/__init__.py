@@ -2,10 +2,11 @@
 simulated annotators, flawed demonstrations for SFT and plain text for pretraining.
 
 Stages never import it (they meet the world in files); ``chatrl world``, ``chatrl eval``,
-``chatrl ppo`` (for the gold score of world prompts) and the pipeline do. See docs/world.md.
+``chatrl ppo`` (for the gold score of world prompts) and the pipeline do; trainers meet its
+``gold_reward`` only by name (``--reward-fn chatrl.world:gold_reward``). See docs/world.md.
 """
 
-from chatrl.world.judge import Judgement, gold_score, judge, rollout_gold_score
+from chatrl.world.judge import Judgement, gold_reward, gold_score, judge, rollout_gold_score
 from chatrl.world.tasks import (
     DEMO_MIX,
     FAMILIES,
@@ -22,6 +23,7 @@ __all__ = [
     "FAMILIES",
     "SPLITS",
     "Judgement",
+    "gold_reward",
     "gold_score",
     "is_world_prompt",
     "judge",

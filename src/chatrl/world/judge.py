@@ -247,3 +247,18 @@ def rollout_gold_score(
         for meta, r, f in zip(metas, responses, finished, strict=True)
     ]
     return {"gold_score": sum(scores) / len(scores)}
+
+
+def gold_reward(
+    prompts: list[list[dict[str, str]]],
+    responses: list[str],
+    meta: list[dict[str, Any]],
+    finished: list[bool],
+) -> list[float]:
+    """The gold labeler as a reward function (``--reward-fn chatrl.world:gold_reward``): the
+    world doubles as a verifiable-reward benchmark. A policy trained on it is then judged by
+    its own training signal, which the report card says."""
+    return [
+        gold_score(Prompt(messages, m), r, f)
+        for messages, m, r, f in zip(prompts, meta, responses, finished, strict=True)
+    ]
