@@ -91,6 +91,32 @@ def write_prompts(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+def tiny_sft(root: Path) -> Path:
+    """A tiny-preset model, pretrained on nothing, after 20 SFT steps on ``write_sft``'s
+    conversations: it answers "The answer is N." some of the time."""
+    from chatrl.config import LMConfig
+    from chatrl.train.lm import train_lm
+
+    base = init_model("tiny", arithmetic_lines(400), root / "base")
+    data = write_sft(root / "sft.jsonl", 400)
+    cfg = LMConfig(
+        model=str(base), data=str(data), out=str(root / "sft"), max_steps=20,
+        learning_rate=3e-3, max_length=64,
+    )  # fmt: skip
+    return train_lm(cfg, "sft")
+
+
+def check_reward_rises(out: Path, key: str = "reward_fn_score") -> None:
+    """The run's mean ``key`` over its last 5 updates beats its first 5 by over 0.25, with the
+    KL to the SFT model under 15 nats per response throughout."""
+    log = [json.loads(line) for line in metric_lines(out)]
+    trajectory = [(round(r[key], 2), round(r["kl"], 2)) for r in log]
+    first = sum(r[key] for r in log[:5]) / 5
+    last = sum(r[key] for r in log[-5:]) / 5
+    assert last > first + 0.25, trajectory
+    assert max(r["kl"] for r in log) < 15, trajectory
+
+
 def metric_lines(out: Path) -> list[str]:
     return (out / "metrics.jsonl").read_text().splitlines()
 

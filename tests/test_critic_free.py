@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import arithmetic_lines, check_resume_after_sigkill, write_prompts, write_sft
+from conftest import check_resume_after_sigkill, check_reward_rises, tiny_sft, write_prompts
 
-from chatrl.config import GRPOConfig, LMConfig, RLOOConfig
+from chatrl.config import GRPOConfig, RLOOConfig
 from chatrl.evaluate import kl_k3
-from chatrl.models import init_model, load_causal_lm, load_reward_model, save_model
+from chatrl.models import load_causal_lm, load_reward_model, save_model
 from chatrl.train.grpo import group_advantages, grpo_loss, train_grpo
-from chatrl.train.lm import train_lm
 from chatrl.train.rloo import leave_one_out, rloo_advantages, rloo_loss, train_rloo
 from chatrl.train.rollout import Rollout
 
@@ -153,17 +152,9 @@ def test_grpo_without_beta_has_no_kl_term():
 
 
 @pytest.fixture(scope="module")
-def tiny_sft(tmp_path_factory):
-    """A tiny-preset SFT model that answers "The answer is N." most of the time."""
+def sft_and_prompts(tmp_path_factory):
     root = tmp_path_factory.mktemp("critic_free")
-    base = init_model("tiny", arithmetic_lines(400), root / "base")
-    sft = train_lm(
-        LMConfig(
-            model=str(base), data=str(write_sft(root / "sft.jsonl", 400)), out=str(root / "sft"),
-            max_steps=20, learning_rate=3e-3, max_length=64,
-        ),
-        "sft",
-    )  # fmt: skip
+    sft = tiny_sft(root)
     return {"policy": str(sft), "prompts": str(write_prompts(root / "prompts.jsonl", 256))}
 
 
@@ -181,21 +172,18 @@ def metrics_of(out):
     ],
     ids=["rloo", "grpo", "dr_grpo"],
 )
-def test_method_raises_a_synthetic_reward_with_bounded_kl(tiny_sft, tmp_path, train, cls, extra):
+def test_method_raises_a_synthetic_reward_with_bounded_kl(
+    sft_and_prompts, tmp_path, train, cls, extra
+):
     """+1 for responses that contain the word "is" (a --reward-fn from a test module). Without
     the missing-EOS penalty: with it, RLOO first learns to stop (half the SFT model's responses
     run to the cap), which is the reward it was given but not what this test measures."""
     cfg = cls(
-        **tiny_sft, reward_fn="reward_fns:says_is", out=str(tmp_path / "out"),
+        **sft_and_prompts, reward_fn="reward_fns:says_is", out=str(tmp_path / "out"),
         rollout_batch_size=32, num_generations=4, response_length=12, learning_rate=1e-3,
         max_steps=16, missing_eos_penalty=0.0, **extra,
     )  # fmt: skip
-    log = metrics_of(train(cfg))
-    trajectory = [(round(r["reward_fn_score"], 2), round(r["kl"], 2)) for r in log]
-    first = sum(r["reward_fn_score"] for r in log[:5]) / 5
-    last = sum(r["reward_fn_score"] for r in log[-5:]) / 5
-    assert last > first + 0.25, trajectory
-    assert max(r["kl"] for r in log) < 15, trajectory
+    check_reward_rises(train(cfg))
     config = json.loads((tmp_path / "out" / "train_config.json").read_text())
     assert config["reward_fn"] == "reward_fns:says_is" and config["reward"] is None
 

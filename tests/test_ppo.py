@@ -6,21 +6,21 @@ import sys
 import pytest
 import torch
 from conftest import (
-    arithmetic_lines,
     check_resume_after_kill_between_renames,
     check_resume_after_sigkill,
+    check_reward_rises,
+    tiny_sft,
     write_prompts,
     write_sft,
 )
 
-from chatrl.config import LMConfig, PPOConfig
+from chatrl.config import PPOConfig
 from chatrl.data import load_prompts
 from chatrl.engine import Engine
-from chatrl.models import init_model, load_causal_lm, load_reward_model, save_model
+from chatrl.models import load_causal_lm, load_reward_model, save_model
 from chatrl.reward_fn import Reward
 from chatrl.reward_model import RewardScorer
 from chatrl.train import ppo, rollout
-from chatrl.train.lm import train_lm
 from chatrl.train.loop import add_lora
 from chatrl.train.ppo import (
     ActorCritic,
@@ -376,19 +376,7 @@ def test_resume_after_a_kill_between_the_checkpoint_renames(setup, tmp_path, mon
 @pytest.mark.slow
 def test_ppo_raises_a_synthetic_reward_with_bounded_kl(tmp_path):
     """+1 for responses that contain the word "is": PPO on the tiny preset learns to say it."""
-    base = init_model("tiny", arithmetic_lines(400), tmp_path / "base")
-    sft = train_lm(
-        LMConfig(
-            model=str(base),
-            data=str(write_sft(tmp_path / "sft.jsonl", 400)),
-            out=str(tmp_path / "sft"),
-            max_steps=20,
-            learning_rate=3e-3,
-            max_length=64,
-        ),
-        "sft",
-    )
-
+    sft = tiny_sft(tmp_path)
     cfg = PPOConfig(
         policy=str(sft),
         reward_fn="reward_fns:says_is",
@@ -403,9 +391,4 @@ def test_ppo_raises_a_synthetic_reward_with_bounded_kl(tmp_path):
         num_train_epochs=4,
         max_steps=16,
     )
-    log = metrics_of(train_ppo(cfg))
-    trajectory = [(round(r["reward_fn_score"], 2), round(r["kl"], 2)) for r in log]
-    first = sum(r["reward_fn_score"] for r in log[:5]) / 5
-    last = sum(r["reward_fn_score"] for r in log[-5:]) / 5
-    assert last > first + 0.25, trajectory
-    assert max(r["kl"] for r in log) < 15, trajectory
+    check_reward_rises(train_ppo(cfg))
