@@ -56,7 +56,8 @@ def grpo_advantages(rollout: Rollout, cfg: GRPOConfig, accelerator) -> dict[str,
     rollout.advantages = group_advantages(
         scores, cfg.num_generations, cfg.scale_rewards, lambda t: accelerator.reduce(t, "sum")
     )
-    return {"advantage_std": rollout.advantages.std().item()}
+    groups = scores.view(-1, cfg.num_generations)
+    return {"frac_reward_zero_std": (groups.std(1) == 0).float().mean().item()}
 
 
 def group_advantages(
