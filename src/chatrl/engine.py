@@ -182,18 +182,25 @@ def _top_p(scores: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches ``p``.
 
     Sorting the vocabulary is slow on a CPU, so the nucleus is first sought among the top
-    ``TOP_P_CANDIDATES`` tokens; the full sort runs only when some row's nucleus is larger.
+    ``TOP_P_CANDIDATES`` tokens; the full sort runs only for rows whose nucleus is larger (so
+    each row's choice depends on that row alone, whatever its batch-mates).
     """
     candidates = min(TOP_P_CANDIDATES, scores.shape[-1])
     top = scores.topk(candidates).values
     probs = (top - scores.logsumexp(-1, keepdim=True)).exp()
-    if (probs.sum(-1) < p).any():
-        top = scores.sort(-1, descending=True).values
-        probs = top.softmax(-1)
+    threshold = _nucleus_threshold(top, probs, p)
+    wide = probs.sum(-1) < p
+    if wide.any():
+        full = scores[wide].sort(-1, descending=True).values
+        threshold[wide] = _nucleus_threshold(full, full.softmax(-1), p)
+    return scores.masked_fill(scores < threshold, float("-inf"))
+
+
+def _nucleus_threshold(top: torch.Tensor, probs: torch.Tensor, p: float) -> torch.Tensor:
+    """The lowest score kept, per row, of scores ``top`` sorted in descending order."""
     mass_before = probs.cumsum(-1) - probs
     kept = (mass_before < p).sum(-1, keepdim=True)
-    threshold = top.gather(-1, kept - 1)
-    return scores.masked_fill(scores < threshold, float("-inf"))
+    return top.gather(-1, kept - 1)
 
 
 def sample(
@@ -204,20 +211,22 @@ def sample(
     Returns the tokens, their log-probabilities under the sampling distribution, and under the
     untempered model (both float32).
     """
-    return _draw(
-        logits, params.temperature, params.top_k, params.top_p, _uniform(logits, params, generator)
+    return draw(
+        logits, params.temperature, params.top_k, params.top_p, uniform(logits, params, generator)
     )
 
 
-def _uniform(logits: torch.Tensor, params: SamplingParams, generator) -> torch.Tensor | None:
-    """One number in (0, 1] per row to draw with, or None for greedy decoding."""
+def uniform(logits: torch.Tensor, params: SamplingParams, generator) -> torch.Tensor | None:
+    """One number in (0, 1] per row of ``logits`` to draw with, or None for greedy decoding."""
     if params.temperature == 0:
         return None
     return 1 - torch.rand(len(logits), 1, generator=generator, device=logits.device)
 
 
-def _draw(logits, temperature: float, top_k: int, top_p: float, uniform):
-    """``sample`` with its random numbers given (so that torch.compile can trace it)."""
+def draw(logits, temperature: float, top_k: int, top_p: float, uniform):
+    """``sample`` with its random numbers given (one per row, from ``uniform``): each row's
+    token depends on that row's logits and number alone. (Given, so that torch.compile can
+    trace it.)"""
     logits = logits.float()
     model_logp = logits.log_softmax(-1)
     if temperature == 0:
@@ -237,7 +246,7 @@ def _draw(logits, temperature: float, top_k: int, top_p: float, uniform):
 
 def _decode_and_draw(decode_inputs, temperature, top_k, top_p, uniform):
     logits = llama_decode(*decode_inputs, attend=elementwise_attend)
-    return _draw(logits, temperature, top_k, top_p, uniform)
+    return draw(logits, temperature, top_k, top_p, uniform)
 
 
 # torch.compile of a whole step, model and sampling (``Engine(compile=True)``): one graph for
@@ -248,13 +257,102 @@ _compiled_decode_and_draw = torch.compile(_decode_and_draw)
 
 
 @contextlib.contextmanager
-def _eval_mode(model):
+def eval_mode(model):
+    """The model in eval mode (no dropout) inside the block, its own mode again after."""
     was_training = model.training
     model.eval()
     try:
         yield
     finally:
         model.train(was_training)
+
+
+def check_length(engine: Engine, prompt_len: int, max_new_tokens: int) -> None:
+    """Raise UserError when a prompt and its response would not fit the model."""
+    total = prompt_len + max_new_tokens
+    context = engine.context_length
+    if context and total > context:
+        raise UserError(
+            f"a prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} "
+            f"exceeds the model's context of {context} tokens"
+        )
+    window = getattr(engine.config, "sliding_window", None)
+    if window and total > window:
+        raise UserError(
+            f"sequences longer than the model's sliding window ({window}) are not supported"
+        )
+
+
+def prefill_mask(valid: torch.Tensor, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    """The attention mask, as scores to add, of positions ``start:end`` of left-padded prompts
+    (``valid`` [rows, width] is False at padding) over their slots ``0:end``:
+    [rows, 1, end - start, end]."""
+    query = torch.arange(start, end, device=valid.device)[:, None]
+    key = torch.arange(end, device=valid.device)
+    # Padding slots attend to themselves so that no attention row is empty (NaN otherwise).
+    allowed = (key <= query) & valid[:, None, :end] | (key == query)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+class Sequence:
+    """One response being written: its tokens, their log-probabilities, and why it stopped
+    (``finish_reason``: None while it runs)."""
+
+    def __init__(self, engine: Engine, params: SamplingParams):
+        self.engine, self.params = engine, params
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.model_logprobs: list[float] = []
+        self.finish_reason: str | None = None
+        self.cut_text: str | None = None  # the text before a stop string, once one appeared
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, token: int, logprob: float, model_logprob: float) -> None:
+        """Append a drawn token; set ``finish_reason`` if it ends the response."""
+        self.token_ids.append(token)
+        self.logprobs.append(logprob)
+        self.model_logprobs.append(model_logprob)
+        if token in self.engine.stop_token_set or self.params.stop and self._cut_at_stop_string():
+            self.finish_reason = "stop"
+        elif len(self.token_ids) == self.params.max_new_tokens:
+            self.finish_reason = "length"
+
+    def _cut_at_stop_string(self) -> bool:
+        text = self.engine.decode(self.token_ids)
+        hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
+        if hits:
+            self.cut_text = text[: min(hits)]
+        return bool(hits)
+
+    def text(self) -> str:
+        """The response so far, without its stop token or stop string."""
+        if self.cut_text is not None:
+            return self.cut_text
+        ids = self.token_ids[:-1] if self.finish_reason == "stop" else self.token_ids
+        return self.engine.decode(ids)
+
+    def new_text(self, sent: str) -> str:
+        """What the response adds to ``sent`` (the text streamed so far) that is settled: text
+        that could still become a stop string, or an incomplete UTF-8 character, is held back
+        until the response has finished."""
+        text = self.text() if self.finished else _settled(self.text(), self.params.stop)
+        if len(text) > len(sent) and text.startswith(sent):
+            return text[len(sent) :]
+        return ""
+
+    def completion(self, prompt_index: int) -> Completion:
+        return Completion(
+            prompt_index=prompt_index,
+            token_ids=list(self.token_ids),
+            text=self.text(),
+            logprobs=torch.tensor(self.logprobs, dtype=torch.float32),
+            model_logprobs=torch.tensor(self.model_logprobs, dtype=torch.float32),
+            finish_reason=self.finish_reason,
+        )
 
 
 class _Batch:
@@ -268,18 +366,8 @@ class _Batch:
         self.engine, self.params, self.generator = engine, params, generator
         self.num_rows = len(prompts) * params.n
         self.prompt_len = max(len(p) for p in prompts)
+        check_length(engine, self.prompt_len, params.max_new_tokens)
         total = self.prompt_len + params.max_new_tokens
-        context = engine.context_length
-        if context and total > context:
-            raise UserError(
-                f"a prompt of {self.prompt_len} tokens plus max_new_tokens={params.max_new_tokens} "
-                f"exceeds the model's context of {context} tokens"
-            )
-        window = getattr(engine.config, "sliding_window", None)
-        if window and total > window:
-            raise UserError(
-                f"sequences longer than the model's sliding window ({window}) are not supported"
-            )
         device = engine.device
         self.input_ids = torch.full(
             (len(prompts), self.prompt_len), engine.pad_token_id, device=device
@@ -301,17 +389,13 @@ class _Batch:
         self.rows = list(range(self.num_rows))
         self.steps = 0  # tokens drawn per row so far
         self.last_tokens = torch.zeros(0)
-        self.tokens: list[list[int]] = [[] for _ in range(self.num_rows)]
-        self.logprobs = torch.zeros(self.num_rows, params.max_new_tokens)
-        self.model_logprobs = torch.zeros(self.num_rows, params.max_new_tokens)
-        self.finish_reasons: list[str | None] = [None] * self.num_rows
-        self.cut_texts: dict[int, str] = {}
+        self.sequences = [Sequence(engine, params) for _ in range(self.num_rows)]
         self.fused = engine.fused_weights()
         self.compiled = engine.compile and self.fused is not None
 
     @property
     def done(self) -> bool:
-        return all(reason is not None for reason in self.finish_reasons)
+        return all(sequence.finished for sequence in self.sequences)
 
     def _forward(self, input_ids, mask, position_ids) -> torch.Tensor:
         out = self.engine.model(
@@ -327,14 +411,10 @@ class _Batch:
     @torch.inference_mode()
     def prefill(self) -> None:
         """Run the prompts through the model and draw every row's first token."""
-        n, p, valid = self.params.n, self.prompt_len, self.valid
-        causal = torch.ones(p, p, dtype=torch.bool, device=valid.device).tril()
-        # Padding slots attend to themselves so that no attention row is empty (NaN otherwise).
-        allowed = (causal & valid[:, None, :]) | torch.eye(p, dtype=torch.bool, device=valid.device)
-        mask = torch.zeros(allowed.shape, dtype=self.bias.dtype, device=valid.device)
-        mask.masked_fill_(~allowed, torch.finfo(mask.dtype).min)
+        n, valid = self.params.n, self.valid
+        mask = prefill_mask(valid, 0, self.prompt_len, self.bias.dtype)
         position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        logits = self._forward(self.input_ids, mask[:, None], position_ids)
+        logits = self._forward(self.input_ids, mask, position_ids)
         self._record(*sample(logits.repeat_interleave(n, 0), self.params, self.generator))
 
     @torch.inference_mode()
@@ -343,9 +423,9 @@ class _Batch:
         slot = self.prompt_len + self.steps - 1
         self.bias[:, slot] = 0
         if self.compiled:
-            p, uniform = self.params, _uniform(self.last_tokens, self.params, self.generator)
+            p, numbers = self.params, uniform(self.last_tokens, self.params, self.generator)
             inputs = self._decode_inputs(slot, self.bias[:, None, None])
-            drawn = _compiled_decode_and_draw(inputs, p.temperature, p.top_k, p.top_p, uniform)
+            drawn = _compiled_decode_and_draw(inputs, p.temperature, p.top_k, p.top_p, numbers)
         else:
             drawn = sample(self._logits(slot), self.params, self.generator)
         self.positions = self.positions + 1
@@ -374,21 +454,13 @@ class _Batch:
         )
 
     def _record(self, tokens, logprobs, model_logprobs) -> None:
-        step, self.steps = self.steps, self.steps + 1
-        rows = torch.tensor(self.rows)
-        self.logprobs[rows, step] = logprobs.cpu()
-        self.model_logprobs[rows, step] = model_logprobs.cpu()
+        self.steps += 1
         self.last_tokens = tokens
-        stop_ids, stop_strings = self.engine.stop_token_set, self.params.stop
-        for row, token in zip(self.rows, tokens.tolist(), strict=True):
-            if self.finish_reasons[row] is not None:
-                continue
-            self.tokens[row].append(token)
-            if token in stop_ids or stop_strings and self._cut_at_stop_string(row):
-                self.finish_reasons[row] = "stop"
-            elif step + 1 == self.params.max_new_tokens:
-                self.finish_reasons[row] = "length"
-        active = [i for i, row in enumerate(self.rows) if self.finish_reasons[row] is None]
+        drawn = zip(tokens.tolist(), logprobs.tolist(), model_logprobs.tolist(), strict=True)
+        for row, (token, logprob, model_logprob) in zip(self.rows, drawn, strict=True):
+            if not self.sequences[row].finished:
+                self.sequences[row].add(token, logprob, model_logprob)
+        active = [i for i, row in enumerate(self.rows) if not self.sequences[row].finished]
         # A compiled step keeps its batch: a new shape would compile again.
         if (
             active
@@ -404,33 +476,6 @@ class _Batch:
         self.bias, self.positions = self.bias[index], self.positions[index]
         self.last_tokens = self.last_tokens[index]
         self.rows = [self.rows[i] for i in positions]
-
-    def _cut_at_stop_string(self, row: int) -> bool:
-        text = self.engine.decode(self.tokens[row])
-        hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
-        if hits:
-            self.cut_texts[row] = text[: min(hits)]
-        return bool(hits)
-
-    def text(self, row: int) -> str:
-        """The row's response so far, without its stop token or stop string."""
-        if row in self.cut_texts:
-            return self.cut_texts[row]
-        ids = self.tokens[row]
-        if self.finish_reasons[row] == "stop":
-            ids = ids[:-1]
-        return self.engine.decode(ids)
-
-    def completion(self, row: int, prompt_index: int) -> Completion:
-        count = len(self.tokens[row])
-        return Completion(
-            prompt_index=prompt_index,
-            token_ids=list(self.tokens[row]),
-            text=self.text(row),
-            logprobs=self.logprobs[row, :count].clone(),
-            model_logprobs=self.model_logprobs[row, :count].clone(),
-            finish_reason=self.finish_reasons[row],
-        )
 
 
 class Engine:
@@ -522,12 +567,15 @@ class Engine:
         """Token ids as text, special tokens left out."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def _generator(self, seed: int | None) -> torch.Generator | None:
+    def generator(self, seed: int | None) -> torch.Generator | None:
+        """A random number generator on the model's device seeded with ``seed`` (None: None,
+        torch's global one)."""
         if seed is None:
             return None
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def _check(self, prompts: list[list[int]], params: SamplingParams) -> None:
+    def check(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        """Raise UserError on settings that cannot work or an empty prompt."""
         params.check()
         for i, prompt in enumerate(prompts):
             if not prompt:
@@ -538,12 +586,12 @@ class Engine:
 
         Prompt-major order: the ``n`` samples of prompt ``i`` are at ``[i * n:(i + 1) * n]``.
         """
-        self._check(prompts, params)
-        generator = self._generator(params.seed)
+        self.check(prompts, params)
+        generator = self.generator(params.seed)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         per_batch = max(1, self.max_batch_size // params.n)
         results: list[list[Completion]] = [[] for _ in prompts]
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             for start in range(0, len(order), per_batch):
                 chunk = order[start : start + per_batch]
                 batch = _Batch(self, [prompts[i] for i in chunk], params, generator)
@@ -552,7 +600,7 @@ class Engine:
                     batch.step()
                 for j, i in enumerate(chunk):
                     rows = range(j * params.n, (j + 1) * params.n)
-                    results[i] = [batch.completion(row, i) for row in rows]
+                    results[i] = [batch.sequences[row].completion(i) for row in rows]
         return [completion for group in results for completion in group]
 
     def generate_chat(
@@ -573,18 +621,17 @@ class Engine:
         """
         if params.n != 1:
             raise UserError("stream produces one sample; use n=1")
-        self._check([prompt], params)
-        batch = _Batch(self, [prompt], params, self._generator(params.seed))
-        sent = ""
-        with _eval_mode(self.model):
+        self.check([prompt], params)
+        batch = _Batch(self, [prompt], params, self.generator(params.seed))
+        sequence, sent = batch.sequences[0], ""
+        with eval_mode(self.model):
             batch.prefill()
             while True:
-                text = batch.text(0) if batch.done else _settled(batch.text(0), params.stop)
-                if len(text) > len(sent) and text.startswith(sent):
-                    yield text[len(sent) :]
-                    sent = text
+                if delta := sequence.new_text(sent):
+                    yield delta
+                    sent += delta
                 if batch.done:
-                    return batch.completion(0, 0)
+                    return sequence.completion(0)
                 batch.step()
 
 

@@ -115,6 +115,15 @@ def elementwise_attend(q, keys, values, mask, scale) -> torch.Tensor:
     return (weights * values[:, :, None]).sum(-2).view(rows, heads, 1, dim)
 
 
+def _write(cache: torch.Tensor, slot: torch.Tensor, new: torch.Tensor) -> None:
+    """Write ``new`` [rows, heads, 1, dim] into ``cache`` [rows, heads, slots, dim] at ``slot``
+    (one for all rows, or one per row)."""
+    if len(slot) == 1:
+        cache.index_copy_(2, slot, new)
+    else:
+        cache[torch.arange(len(slot), device=slot.device), :, slot] = new[:, :, 0]
+
+
 def llama_decode(
     lm, input_ids, mask, position_ids, fused, keys, values, slot, attend=_sdpa_attend
 ) -> torch.Tensor:
@@ -122,9 +131,9 @@ def llama_decode(
     calls them, minus the mask construction, output capturing and keyword plumbing that cost as
     much as the arithmetic for small models; with ``fused`` projections (``fuse``), four matrix
     products per layer instead of seven, in the faster layout. The step's keys and values are
-    written at ``slot`` (a one-element index tensor) of the preallocated ``keys``/``values``, and
-    attention reads as many slots as ``mask`` [rows, 1, 1, slots] covers (``attend``). Returns
-    the last position's logits."""
+    written at ``slot`` of the preallocated ``keys``/``values``: a one-element index tensor (the
+    same slot for every row) or one slot per row; attention reads as many slots as ``mask``
+    [rows, 1, 1, slots] covers (``attend``). Returns the last position's logits."""
     inner = lm.model
     hidden = inner.embed_tokens(input_ids)
     cos, sin = inner.rotary_emb(hidden, position_ids)
@@ -141,8 +150,8 @@ def llama_decode(
         k = k.view(rows, 1, -1, attn.head_dim).transpose(1, 2)
         v = v.view(rows, 1, -1, attn.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
-        keys[i].index_copy_(2, slot, k)
-        values[i].index_copy_(2, slot, v)
+        _write(keys[i], slot, k)
+        _write(values[i], slot, v)
         out = attend(q, keys[i][:, :, :slots], values[i][:, :, :slots], mask, attn.scaling)
         out = out.transpose(1, 2).reshape(rows, 1, -1)
         hidden = hidden + (fused.layers[i].o(out) if fused else attn.o_proj(out))
