@@ -1,15 +1,17 @@
 """``chatrl serve`` under load: one streaming client, 32 concurrent streaming clients, and 32
-concurrent non-streaming clients (which the worker batches), on the bench model (10.49 M
-parameters, randomly initialised) served as a real process on a loopback port.
+concurrent non-streaming clients, on the bench model (10.49 M parameters, randomly
+initialised) or ``--model PATH`` (a model directory or a .gguf file, e.g. SmolLM2), served as a
+real process on a loopback port.
 
 Each client asks for up to 64 tokens at temperature 1 (a random model rarely stops early;
 tokens are counted from ``usage``). Reports generated tokens/s over the wall time of each
-phase, time to first streamed token, and the worst ``GET /health`` latency while 32 streams
-run (the event loop must stay responsive). The machine may be shared: compare phases, not runs.
-The server's weights are bf16 where the hardware runs bf16 natively, fp32 elsewhere
-(--precision forces one).
+phase, the median (p50) and 95th percentile (p95) time to first token of the 32 clients
+(streamed: the first content chunk; not streamed: the whole answer), and the worst
+``GET /health`` latency while 32 streams run (the event loop must stay responsive). The
+machine may be shared: compare phases, not runs. The server's weights are bf16 where the
+hardware runs bf16 natively, fp32 elsewhere (--precision forces one).
 
-    python bench/serve.py [--threads N] [--precision auto|fp32|bf16]
+    python bench/serve.py [--threads N] [--model PATH] [--precision auto|fp32|bf16]
 """
 
 from __future__ import annotations
@@ -53,9 +55,17 @@ async def stream_one(client: httpx.AsyncClient) -> tuple[float, int]:
     return first or 0.0, tokens
 
 
-async def complete_one(client: httpx.AsyncClient) -> int:
+async def complete_one(client: httpx.AsyncClient) -> tuple[float, int]:
+    """Seconds to the answer, and completion tokens."""
+    start = time.perf_counter()
     response = await client.post("/v1/chat/completions", json=BODY)
-    return response.json()["usage"]["completion_tokens"]
+    return time.perf_counter() - start, response.json()["usage"]["completion_tokens"]
+
+
+def percentiles(name: str, seconds: list[float]) -> dict[str, float]:
+    """p50 and p95 of ``seconds``, as ``name_p50_s`` and ``name_p95_s``."""
+    cuts = statistics.quantiles(seconds, n=20, method="inclusive")
+    return {f"{name}_p50_s": statistics.median(seconds), f"{name}_p95_s": cuts[18]}
 
 
 async def health_latency(client: httpx.AsyncClient, stop: asyncio.Event) -> float:
@@ -82,35 +92,43 @@ async def measure(url: str) -> dict[str, float]:
         streams = await asyncio.gather(*(stream_one(client) for _ in range(CLIENTS)))
         wall = time.perf_counter() - start
         stop.set()
-        firsts = [f for f, _ in streams]
         many = {
             "streams_32_tokens_per_s": sum(t for _, t in streams) / wall,
             "streams_32_wall_s": wall,
-            "streams_32_first_token_median_s": statistics.median(firsts),
-            "streams_32_first_token_max_s": max(firsts),
+            **percentiles("streams_32_first_token", [f for f, _ in streams]),
             "health_worst_latency_s": await probe,
         }
 
         start = time.perf_counter()
-        tokens = sum(await asyncio.gather(*(complete_one(client) for _ in range(CLIENTS))))
+        answers = await asyncio.gather(*(complete_one(client) for _ in range(CLIENTS)))
         wall = time.perf_counter() - start
-        batched = {"batched_32_tokens_per_s": tokens / wall, "batched_32_wall_s": wall}
-        health = (await client.get("/health")).json()
-        batched["batched_32_engine_calls"] = health["batches"]
+        batched = {
+            "batched_32_tokens_per_s": sum(t for _, t in answers) / wall,
+            "batched_32_wall_s": wall,
+            **percentiles("batched_32_answer", [s for s, _ in answers]),
+        }
     return {**one, **many, **batched}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the server")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a model directory or .gguf file to serve instead of the bench model",
+    )
     common.add_precision(parser)
     args = parser.parse_args()
     precision = common.resolve_precision(args.precision, "bench/serve.py")
-    tokenizer = common.bench_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
-        save_model(common.bench_model(tokenizer), tokenizer, Path(tmp) / "model")
+        model = args.model
+        if model is None:
+            tokenizer = common.bench_tokenizer()
+            model = Path(tmp) / "model"
+            save_model(common.bench_model(tokenizer), tokenizer, model)
         port = free_port()
-        command = [sys.executable, "-m", "chatrl", "serve", str(Path(tmp) / "model")]
+        command = [sys.executable, "-m", "chatrl", "serve", str(model)]
         command += ["--port", str(port), "--bf16", str(precision == "bf16").lower()]
         if args.threads:
             command += ["--threads", str(args.threads)]
@@ -119,14 +137,15 @@ def main() -> None:
             server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"
-            wait_until_up(url, server, log)
+            wait_until_up(url, server, log, timeout=600)  # a .gguf file converts first
             figures = asyncio.run(measure(url))
         finally:
             server.terminate()
             server.wait()
     for name, value in figures.items():
         print(f"{name:36s} {value:10.3f}")
-    common.print_result({"bench": "serve", "threads": args.threads, **figures}, precision)
+    result = {"bench": "serve", "model": args.model or "bench", "threads": args.threads}
+    common.print_result({**result, **figures}, precision)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ PACKAGE = Path(chatrl.__file__).parent
 CORE = {
     "chatrl", "chatrl.errors", "chatrl.precision", "chatrl.config", "chatrl.data",
     "chatrl.chat_format", "chatrl.models", "chatrl.llama_decode", "chatrl.engine",
-    "chatrl.reward_model", "chatrl.reward_fn", "chatrl.evaluate", "chatrl.train",
-    "chatrl.train.loop", "chatrl.train.rollout",
+    "chatrl.batching", "chatrl.reward_model", "chatrl.reward_fn", "chatrl.evaluate",
+    "chatrl.train", "chatrl.train.loop", "chatrl.train.rollout",
 }  # fmt: skip
 # Stages, by the prefix of their modules: each may import the core and itself.
 STAGES = (

@@ -3,7 +3,8 @@
 
 The micro model's replies are gibberish, so the tests check structure: streamed text equals
 non-streamed text for the same seed, and both equal what the engine generates in-process for
-the same conversation; counts, finish reasons and errors.
+the same conversation, however many requests run together; counts, finish reasons, errors,
+limits and cancellation.
 """
 
 from __future__ import annotations
@@ -248,7 +249,7 @@ def _client(url: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120)
 
 
-def test_32_concurrent_streaming_clients_get_complete_answers(url):
+def test_32_concurrent_streaming_clients_get_what_each_gets_alone(url, engine):
     seeds = range(32)
 
     async def run():
@@ -259,10 +260,12 @@ def test_32_concurrent_streaming_clients_get_complete_answers(url):
     results = asyncio.run(run())
     streamed, completed = results[:32], results[32:]
     assert streamed == completed
+    alone = [expected(engine, HELLO, 16, seed=s) for s in seeds]
+    assert streamed == [(c.text, c.finish_reason) for c in alone]
     assert len({text for text, _ in streamed}) > 1  # different seeds, different replies
 
 
-def test_requests_that_arrive_together_share_a_batch(url):
+def test_requests_that_arrive_together_share_decode_steps(url):
     before = httpx.get(f"{url}/health").json()
 
     async def run():
@@ -272,7 +275,23 @@ def test_requests_that_arrive_together_share_a_batch(url):
     assert len(asyncio.run(run())) == 16
     after = httpx.get(f"{url}/health").json()
     assert after["completed"] - before["completed"] == 16
-    assert after["batches"] - before["batches"] < 16
+    tokens = after["generated_tokens"] - before["generated_tokens"]
+    steps = after["decode_steps"] - before["decode_steps"]
+    assert tokens > 3 * steps  # many rows a step
+
+
+def test_n_samples_are_the_same_streamed_or_not(client):
+    request = {"model": "micro", "messages": HELLO, "max_tokens": 12, "n": 3, "seed": 4}
+    reply = client.chat.completions.create(**request)
+    texts = ["", "", ""]
+    finishes = [None] * 3
+    for chunk in client.chat.completions.create(**request, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    assert texts == [c.message.content for c in reply.choices]
+    assert finishes == [c.finish_reason for c in reply.choices]
+    assert len(set(texts)) > 1  # sample i is seeded seed + i
 
 
 def _wait_for_health(url: str, key: str, value: int, timeout: float = 30) -> None:
@@ -282,7 +301,7 @@ def _wait_for_health(url: str, key: str, value: int, timeout: float = 30) -> Non
         time.sleep(0.05)
 
 
-def test_a_full_queue_answers_503_and_closed_streams_free_it(url, engine):
+def test_a_full_queue_answers_429_and_closed_streams_free_it(url, engine):
     long = expected(engine, HELLO, MAX_TOKENS, seed=None, temperature=0)
     assert long.finish_reason == "length"  # greedy replies to HELLO outlast the test
     body = {"messages": HELLO, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
@@ -302,8 +321,31 @@ def test_a_full_queue_answers_503_and_closed_streams_free_it(url, engine):
             return refused
 
     refused = asyncio.run(run())
-    assert refused.status_code == 503
-    assert refused.json()["error"]["code"] == "server_overloaded"
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    error = refused.json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
+    assert f"at most {MAX_QUEUE}" in error["message"]
     # Clients that hang up cancel their streams: the worker is free again.
     _wait_for_health(url, "queued_or_running", 0)
     assert _post(url, {"messages": HELLO, "max_tokens": 2}).status_code == 200
+
+
+def test_a_client_that_hangs_up_before_its_answer_frees_its_rows(url, engine):
+    body = {"messages": HELLO, "max_tokens": MAX_TOKENS, "temperature": 0, "n": MAX_N}
+    before = httpx.get(f"{url}/health").json()
+
+    async def run():
+        async with _client(url) as client:
+            answer = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+            deadline = time.monotonic() + 30
+            while (await client.get("/health")).json()["running"] < MAX_N:
+                assert time.monotonic() < deadline and not answer.done()
+                await asyncio.sleep(0.02)
+            answer.cancel()  # closes its connection
+
+    asyncio.run(run())
+    _wait_for_health(url, "queued_or_running", 0)
+    after = httpx.get(f"{url}/health").json()
+    assert after["running"] == 0
+    # It was cut short: its tokens were never all written.
+    assert after["generated_tokens"] == before["generated_tokens"]

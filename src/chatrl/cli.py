@@ -576,8 +576,33 @@ def serve_cmd(
         int, typer.Option(min=1, help="Largest request body; larger ones get 413.")
     ] = 1_000_000,
     max_queue: Annotated[
-        int, typer.Option(min=1, help="Most generations queued or running; more get 503.")
+        int,
+        typer.Option(
+            min=1, help="Most generations (a request asks for n) queued or running; more get 429."
+        ),
     ] = 256,
+    max_queue_tokens: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Most tokens (prompt plus max_tokens, times n) queued or running; more get 429.",
+        ),
+    ] = 262_144,
+    max_batch_size: Annotated[
+        int, typer.Option(min=1, help="Most generations decoded together; more wait their turn.")
+    ] = 64,
+    max_batch_tokens: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Most KV-cache slots of the batch (generations times the longest one's prompt "
+            "plus max_tokens); more wait their turn.",
+        ),
+    ] = 65_536,
+    prefill_chunk: Annotated[
+        int,
+        typer.Option(min=1, help="Most prompt tokens of newcomers run between two decode steps."),
+    ] = 512,
     threads: ThreadsOpt = None,
     bf16: Bf16Opt = "auto",
 ) -> None:
@@ -595,6 +620,10 @@ def serve_cmd(
         max_n=max_n,
         max_tokens_limit=max_tokens_limit,
         max_queue=max_queue,
+        max_queue_tokens=max_queue_tokens,
+        max_batch_size=max_batch_size,
+        max_batch_tokens=max_batch_tokens,
+        prefill_chunk=prefill_chunk,
     )
     engine = _load_engine(model, threads, bf16)
     url = f"http://{host}:{port}"

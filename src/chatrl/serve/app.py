@@ -2,10 +2,12 @@
 ``GET /health``, and the web chat page at ``/``.
 
 Requests are checked and tokenised here, then handed to the ``GenerationWorker`` thread, which
-owns the model; the event loop only waits for its results. Every error has the OpenAI shape
-``{"error": {"message", "type", "param", "code"}}``. With an API key set, every ``/v1`` request
-must carry ``Authorization: Bearer KEY``; the page and ``/health`` hold no data and stay open
-(a browser cannot send the key when it opens the page; the page asks for it).
+owns the model and batches every request continuously; the event loop only waits for its
+results, and cancels a request whose client has gone. Every error has the OpenAI shape
+``{"error": {"message", "type", "param", "code"}}``; a server at its limits answers 429. With
+an API key set, every ``/v1`` request must carry ``Authorization: Bearer KEY``; the page and
+``/health`` hold no data and stay open (a browser cannot send the key when it opens the page;
+the page asks for it).
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 
+from chatrl.batching import ContinuousBatcher
 from chatrl.chat_format import encode_prompt
 from chatrl.data import Message
 from chatrl.engine import Completion, Engine, SamplingParams
@@ -36,6 +39,8 @@ from chatrl.serve.worker import Busy, GenerationWorker, Job
 STATIC = Path(__file__).parent / "static"
 # A reply's length when the request does not say (and the context leaves room for it).
 DEFAULT_MAX_TOKENS = 256
+# How often a waiting request looks whether its client or the generation thread has gone.
+POLL_S = 0.25
 # No inline scripts or styles on the page: even text that slipped through unescaped cannot run.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -45,18 +50,23 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+RETRY_AFTER = {"Retry-After": "1"}  # seconds; OpenAI clients wait as long before they retry
 
 
 @dataclass
 class ServeSettings:
-    """What the server answers to and its limits (all per request except ``max_queue``)."""
+    """What the server answers to and its limits: per request, then for the server."""
 
     model_name: str
     api_key: str | None = None
     max_request_bytes: int = 1_000_000
     max_n: int = 8
     max_tokens_limit: int = 1024
-    max_queue: int = 256  # generations (a request asks for n) queued or running at once
+    max_queue: int = 256  # generations (a request asks for n) queued or running, else 429
+    max_queue_tokens: int = 262_144  # their prompt plus max_tokens, summed, else 429
+    max_batch_size: int = 64  # generations decoded together; more wait
+    max_batch_tokens: int = 65_536  # cache slots of those: rows times the longest row
+    prefill_chunk: int = 512  # prompt tokens run between two decode steps
 
 
 class APIError(Exception):
@@ -69,10 +79,11 @@ class APIError(Exception):
         kind: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
-        self.param, self.code = param, code
+        self.param, self.code, self.headers = param, code, headers
 
     def body(self) -> dict[str, Any]:
         return {
@@ -85,7 +96,7 @@ class APIError(Exception):
         }
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 class ChatMessage(BaseModel):
@@ -224,15 +235,40 @@ def sampling_params(
     )
 
 
-def _sender(queue: asyncio.Queue, tag: int | None = None) -> Callable[[object], None]:
-    """A function the worker thread can call to put an item (tagged, if ``tag``) on ``queue``."""
+def _sender(queue: asyncio.Queue) -> Callable[[object], None]:
+    """A function the worker thread can call to put an item on ``queue``."""
     loop = asyncio.get_running_loop()
 
     def send(item: object) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
-            loop.call_soon_threadsafe(queue.put_nowait, item if tag is None else (tag, item))
+            loop.call_soon_threadsafe(queue.put_nowait, item)
 
     return send
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def _disconnect(request: Request) -> None:
+    """Return when the client of ``request`` (whose body has been read) disconnects."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _next(queue: asyncio.Queue, worker: GenerationWorker, gone: asyncio.Future | None = None):
+    """The worker's next item for a job, or an error should its thread stop; raise
+    ``_ClientGone`` if ``gone`` (``_disconnect``) completes first."""
+    while True:
+        getter = asyncio.ensure_future(queue.get())
+        waits = {getter} if gone is None else {getter, gone}
+        await asyncio.wait(waits, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.cancel():  # it had its item (a cancelled get leaves it in the queue)
+            return getter.result()
+        if gone is not None and gone.done():
+            raise _ClientGone
+        if not worker.alive:
+            return RuntimeError("the generation thread has stopped")
 
 
 def _failure(error: BaseException) -> APIError:
@@ -256,7 +292,10 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     """The server's FastAPI app around ``engine``; its worker thread runs while the app does."""
-    worker = GenerationWorker(engine, settings.max_queue)
+    batcher = ContinuousBatcher(
+        engine, settings.max_batch_size, settings.max_batch_tokens, settings.prefill_chunk
+    )
+    worker = GenerationWorker(batcher, settings.max_queue, settings.max_queue_tokens)
     context = engine.context_length
     started = int(time.time())
 
@@ -304,9 +343,11 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         figures = {
             "status": status,
             "model": settings.model_name,
-            "queued_or_running": worker.jobs,
-            "open_streams": worker.open_streams,
-            "batches": worker.batches,
+            "queued_or_running": worker.generations,
+            "running": len(batcher.rows),
+            "waiting": len(batcher.waiting),
+            "decode_steps": batcher.steps,
+            "generated_tokens": worker.generated,
             "completed": worker.completed,
         }
         return JSONResponse(figures, status_code=200 if worker.alive else 503)
@@ -344,22 +385,24 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         params = sampling_params(chat, len(prompt), context, settings)
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": reply_id, "created": created, "model": settings.model_name}
+        queue: asyncio.Queue = asyncio.Queue()
+        job = Job(prompt, params, stream=bool(chat.stream), send=_sender(queue))
+        _submit(worker, job)
         if chat.stream:
             include_usage = chat.stream_options is not None and chat.stream_options.include_usage
-            queue: asyncio.Queue = asyncio.Queue()
-            jobs = [
-                Job(prompt, _nth_sample(params, i), stream=True, send=_sender(queue, i))
-                for i in range(params.n)
-            ]
-            _submit(worker, jobs)
             return StreamingResponse(
-                _events(queue, jobs, head, len(prompt), include_usage),
+                _events(queue, job, worker, head, len(prompt), include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        queue = asyncio.Queue()
-        _submit(worker, [Job(prompt, params, stream=False, send=_sender(queue))])
-        result = await queue.get()
+        gone = asyncio.ensure_future(_disconnect(request))
+        try:
+            result = await _next(queue, worker, gone)
+        except _ClientGone:
+            return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+        finally:
+            gone.cancel()
+            job.cancelled = True  # answered already, or the client has gone
         if isinstance(result, BaseException):
             raise _failure(result)
         choices = [
@@ -381,30 +424,29 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     return app
 
 
-def _submit(worker: GenerationWorker, jobs: list[Job]) -> None:
+def _submit(worker: GenerationWorker, job: Job) -> None:
+    """Queue ``job``: 400 if it can never run, 429 (as OpenAI's rate limits) if the server is
+    full."""
     try:
-        worker.submit(jobs)
+        worker.submit(job)
+    except UserError as e:
+        raise APIError(400, str(e)) from None
     except Busy as e:
         raise APIError(
-            503, f"{e}; retry shortly", "server_error", code="server_overloaded"
+            429, f"{e}; retry shortly", e.kind, code="rate_limit_exceeded", headers=RETRY_AFTER
         ) from None
-
-
-def _nth_sample(params: SamplingParams, i: int) -> SamplingParams:
-    """Settings of the ``i``-th of ``n`` streamed samples: one stream each, seeds ``seed + i``."""
-    seed = None if params.seed is None else params.seed + i
-    return replace(params, n=1, seed=seed)
 
 
 async def _events(
     queue: asyncio.Queue,
-    jobs: list[Job],
+    job: Job,
+    worker: GenerationWorker,
     head: dict[str, Any],
     prompt_tokens: int,
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    """Server-sent events of the streams behind ``jobs``, as OpenAI sends them; a client that
-    goes away cancels the streams."""
+    """Server-sent events of the samples of ``job``, as OpenAI sends them; a client that goes
+    away cancels the job."""
     head = {**head, "object": "chat.completion.chunk"}
 
     def chunk(index: int, delta: dict[str, str], finish_reason: str | None = None) -> str:
@@ -412,25 +454,25 @@ async def _events(
         return _sse({**head, "choices": [choice]})
 
     try:
-        for i in range(len(jobs)):
+        for i in range(job.params.n):
             yield chunk(i, {"role": "assistant", "content": ""})
         completions: list[Completion] = []
-        while len(completions) < len(jobs):
-            index, item = await queue.get()
-            if isinstance(item, str):
-                yield chunk(index, {"content": item})
-            elif isinstance(item, Completion):
-                completions.append(item)
-                yield chunk(index, {}, item.finish_reason)
-            else:
+        while len(completions) < job.params.n:
+            item = await _next(queue, worker)
+            if isinstance(item, BaseException):
                 yield _sse(_failure(item).body())
                 return
+            index, value = item
+            if isinstance(value, str):
+                yield chunk(index, {"content": value})
+            else:
+                completions.append(value)
+                yield chunk(index, {}, value.finish_reason)
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completions)})
         yield _sse("[DONE]")
     finally:
-        for job in jobs:
-            job.cancelled = True
+        job.cancelled = True
 
 
 def serve(engine: Engine, settings: ServeSettings, host: str, port: int) -> None:

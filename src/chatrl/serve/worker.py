@@ -1,15 +1,15 @@
-"""The generation worker: one thread owns the model and serves every queued request.
+"""The generation worker: one thread owns the model and answers every request in one
+continuously batched decode loop (``chatrl.batching.ContinuousBatcher``).
 
-The event loop never runs the model. Requests arrive as ``Job``s in a queue; each round the
-worker takes what has arrived (after the first job of an idle spell it waits ``batch_window``
-seconds for others), generates the non-streaming jobs with one ``Engine.generate`` call per
-group of identical sampling settings, then advances every open stream by one text delta. So
-requests that arrive together share a batch, and streams and batches take turns on the model.
+The event loop never runs the model. Requests arrive as ``Job``s in a queue; between two
+decode steps the worker moves what has arrived into the batcher, where it joins the running
+batch, streaming or not, and drops the jobs whose clients have gone. So every open request
+advances by one token per step, together.
 
 Results go back through each job's ``send``, which the worker calls from its own thread (the
-server passes one that hands the item to the event loop): a stream sends ``str`` deltas then
-its ``Completion``; a batched job sends its list of ``n`` completions; a failure sends the
-exception instead.
+server passes one that hands the item to the event loop): a streamed job sends
+``(index, text)`` as sample ``index`` writes and ``(index, Completion)`` when it finishes; a
+job that is not streamed sends its list of ``n`` completions; a failure sends the exception.
 """
 
 from __future__ import annotations
@@ -17,23 +17,26 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from chatrl.engine import Completion, Engine, SamplingParams
-from chatrl.errors import UserError
+from chatrl.batching import ContinuousBatcher, Output, Request
+from chatrl.engine import Completion, SamplingParams
 
 log = logging.getLogger("chatrl.serve")
 
 
 class Busy(Exception):
-    """The worker already holds as many jobs as it may."""
+    """Taking the job would exceed a limit: ``kind`` is "requests" or "tokens"."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(eq=False)
 class Job:
-    """One prompt to answer. ``cancelled`` (set from any thread) stops a stream early."""
+    """One request to answer. ``cancelled`` (set from any thread) drops it at the next step."""
 
     prompt: list[int]
     params: SamplingParams
@@ -41,25 +44,31 @@ class Job:
     send: Callable[[object], None]
     cancelled: bool = False
 
+    @property
+    def tokens(self) -> int:
+        """The cache slots its samples may fill: prompt plus response, ``n`` times."""
+        return self.params.n * (len(self.prompt) + self.params.max_new_tokens)
+
 
 class GenerationWorker:
-    """A thread that runs ``engine`` on queued jobs; at most ``max_jobs`` queued or running."""
+    """A thread that answers jobs with ``batcher``; at most ``max_jobs`` generations (a job has
+    ``n``) and ``max_tokens`` tokens (``Job.tokens``) queued or running."""
 
-    def __init__(self, engine: Engine, max_jobs: int, batch_window: float = 0.005):
-        self.engine, self.max_jobs, self.batch_window = engine, max_jobs, batch_window
-        self.batches = 0  # Engine.generate calls that succeeded
+    def __init__(self, batcher: ContinuousBatcher, max_jobs: int, max_tokens: int):
+        self.batcher, self.max_jobs, self.max_tokens = batcher, max_jobs, max_tokens
         self.completed = 0  # jobs finished (answered, failed or cancelled)
-        self.open_streams = 0
-        self._jobs = 0
+        self.generated = 0  # tokens written
+        self._generations = self._tokens = 0
         self._lock = threading.Lock()
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._jobs: dict[Request, Job] = {}
         self._thread = threading.Thread(target=self._run, name="generation", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float = 5) -> None:
-        """Stop after the current round; open streams are closed, queued jobs dropped."""
+        """Stop after the current step; open jobs get an error, queued ones are dropped."""
         self._inbox.put(None)
         self._thread.join(timeout)
 
@@ -68,103 +77,95 @@ class GenerationWorker:
         return self._thread.is_alive()
 
     @property
-    def jobs(self) -> int:
-        """Jobs queued or running."""
-        return self._jobs
+    def generations(self) -> int:
+        """Generations queued or running."""
+        return self._generations
 
-    def submit(self, jobs: list[Job]) -> None:
-        """Queue ``jobs`` (all or none); raise ``Busy`` if that would exceed ``max_jobs``."""
+    def submit(self, job: Job) -> None:
+        """Queue ``job``: raise UserError if it can never run, ``Busy`` if taking it now would
+        exceed ``max_jobs`` or ``max_tokens``."""
+        self.batcher.check(job.prompt, job.params)
+        n, tokens = job.params.n, job.tokens
         with self._lock:
-            if self._jobs + len(jobs) > self.max_jobs:
-                raise Busy(f"the server holds {self._jobs} generations (at most {self.max_jobs})")
-            self._jobs += len(jobs)
-        for job in jobs:
-            self._inbox.put(job)
+            if self._generations + n > self.max_jobs:
+                message = (
+                    f"the server holds {self._generations} generations (at most {self.max_jobs})"
+                )
+                raise Busy(message, "requests")
+            if self._tokens + tokens > self.max_tokens:
+                message = (
+                    f"the server holds {self._tokens} tokens of prompts and replies "
+                    f"(at most {self.max_tokens}), this request would add {tokens}"
+                )
+                raise Busy(message, "tokens")
+            self._generations += n
+            self._tokens += tokens
+        self._inbox.put(job)
 
     def _run(self) -> None:
-        streams: list[tuple[Job, Generator[str, None, Completion]]] = []
-        while True:
-            new = self._take(wait=not streams)
-            if None in new:
-                break
-            for job in new:
-                if job.stream:
-                    streams.append((job, self.engine.stream(job.prompt, job.params)))
-            self._generate([job for job in new if not job.stream])
-            streams = [(job, stream) for job, stream in streams if self._advance(job, stream)]
-            self.open_streams = len(streams)
-        for job, stream in streams:
-            stream.close()
-            self._finish(job, RuntimeError("the server is shutting down"))
+        while self._take():
+            for request, job in list(self._jobs.items()):
+                if job.cancelled:
+                    request.cancelled = True
+                    self._finish(request, None)
+            if self.batcher.idle:
+                continue
+            try:
+                outputs = self.batcher.step()
+            except Exception as error:  # a bug: fail what runs, keep serving
+                log.error("generation failed", exc_info=error)
+                self._fail_all(error)
+                continue
+            for output in outputs:
+                self._send(output)
+            for request in dict.fromkeys(o.request for o in outputs if o.request.finished):
+                job = self._jobs[request]
+                self._finish(request, None if job.stream else request.completions())
+        self._fail_all(RuntimeError("the server is shutting down"))
 
-    def _take(self, wait: bool) -> list[Job | None]:
-        """What has arrived; if ``wait``, block for a first job and a batch window after it."""
-        jobs: list[Job | None] = []
-        if wait:
-            jobs.append(self._inbox.get())
-            deadline = time.monotonic() + self.batch_window
-            while (left := deadline - time.monotonic()) > 0:
-                try:
-                    jobs.append(self._inbox.get(timeout=left))
-                except queue.Empty:
-                    break
+    def _take(self) -> bool:
+        """Move the jobs that have arrived into the batcher (waiting for one while it is idle);
+        False once asked to stop."""
+        wait = self.batcher.idle
         while True:
             try:
-                jobs.append(self._inbox.get_nowait())
+                job = self._inbox.get() if wait else self._inbox.get_nowait()
             except queue.Empty:
-                return jobs
+                return True
+            if job is None:
+                return False
+            wait = False
+            try:
+                request = self.batcher.add(job.prompt, job.params, job.stream)
+            except Exception as error:
+                job.send(error)
+                self._release(job)
+                continue
+            self._jobs[request] = job
 
-    def _generate(self, jobs: list[Job]) -> None:
-        groups: dict[object, list[Job]] = {}
-        for job in jobs:
-            groups.setdefault(_batch_key(job), []).append(job)
-        for group in groups.values():
-            self._generate_batch(group)
+    def _send(self, output: Output) -> None:
+        job = self._jobs[output.request]
+        if output.completion is not None:
+            self.generated += len(output.completion.token_ids)
+        if job.stream:
+            if output.text:
+                job.send((output.index, output.text))
+            if output.completion is not None:
+                job.send((output.index, output.completion))
 
-    def _generate_batch(self, group: list[Job]) -> None:
-        params = group[0].params
-        try:
-            completions = self.engine.generate([job.prompt for job in group], params)
-        except Exception as error:
-            if len(group) > 1:  # one bad prompt must not fail its batch-mates
-                for job in group:
-                    self._generate_batch([job])
-                return
-            self._finish(group[0], error)
-            return
-        self.batches += 1
-        n = params.n
-        for i, job in enumerate(group):
-            self._finish(job, completions[i * n : (i + 1) * n])
+    def _fail_all(self, error: Exception) -> None:
+        self.batcher.reset()
+        for request in list(self._jobs):
+            self._finish(request, error)
 
-    def _advance(self, job: Job, stream: Generator[str, None, Completion]) -> bool:
-        """Send the stream's next delta; False once it has finished, failed or been cancelled."""
-        if job.cancelled:
-            stream.close()
-            self._finish(job, None)
-            return False
-        try:
-            job.send(next(stream))
-            return True
-        except StopIteration as end:
-            self._finish(job, end.value)
-        except Exception as error:
-            self._finish(job, error)
-        return False
-
-    def _finish(self, job: Job, result: object) -> None:
-        if isinstance(result, Exception) and not isinstance(result, UserError):
-            log.error("generation failed", exc_info=result)
+    def _finish(self, request: Request, result: list[Completion] | Exception | None) -> None:
+        job = self._jobs.pop(request)
         if result is not None:
             job.send(result)
+        self._release(job)
+
+    def _release(self, job: Job) -> None:
         with self._lock:
-            self._jobs -= 1
+            self._generations -= job.params.n
+            self._tokens -= job.tokens
         self.completed += 1
-
-
-def _batch_key(job: Job) -> object:
-    """Jobs with equal keys can share one ``Engine.generate`` call."""
-    p = job.params
-    if p.seed is not None:  # alone: in a batch, its draws would depend on its batch-mates
-        return job
-    return (p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.n, tuple(p.stop))
