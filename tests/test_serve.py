@@ -18,8 +18,11 @@ import openai
 import pytest
 from servers import SERVE_KEY, SERVE_LIMITS
 
+from chatrl.batching import ContinuousBatcher
 from chatrl.chat_format import encode_prompt
 from chatrl.engine import SamplingParams
+from chatrl.errors import UserError
+from chatrl.serve.worker import Busy, GenerationWorker, Job
 
 pytestmark = pytest.mark.slow
 
@@ -349,3 +352,26 @@ def test_a_client_that_hangs_up_before_its_answer_frees_its_rows(url, engine):
     assert after["running"] == 0
     # It was cut short: its tokens were never all written.
     assert after["generated_tokens"] == before["generated_tokens"]
+
+
+def test_the_worker_refuses_what_exceeds_its_limits(engine):
+    worker = GenerationWorker(
+        ContinuousBatcher(engine, max_batch_size=4), max_jobs=3, max_tokens=100
+    )
+    prompt = encode_prompt(engine.tokenizer, HELLO)
+
+    def job(max_tokens: int, n: int = 1) -> Job:
+        params = SamplingParams(max_new_tokens=max_tokens, n=n)
+        return Job(prompt, params, stream=False, send=lambda _: None)
+
+    worker.submit(job(10, n=2))
+    with pytest.raises(Busy, match=r"holds 2 generations \(at most 3\)") as busy:
+        worker.submit(job(10, n=2))
+    assert busy.value.kind == "requests"
+    with pytest.raises(Busy, match=r"at most 100\), this request would add") as busy:
+        worker.submit(job(100 - len(prompt)))
+    assert busy.value.kind == "tokens"
+    with pytest.raises(UserError, match="exceed the batch size 4"):
+        worker.submit(job(1, n=5))
+    worker.submit(job(1))
+    assert worker.generations == 3

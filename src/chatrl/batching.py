@@ -21,6 +21,7 @@ Not thread-safe: one thread adds, cancels and steps (the server's generation wor
 from __future__ import annotations
 
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -257,7 +258,8 @@ class ContinuousBatcher:
         theirs completes), then one decode step of every row."""
         self._drop_cancelled()
         outputs: list[Output] = []
-        with torch.inference_mode(), eval_mode(self.engine.model):
+        model = self.engine.model
+        with torch.inference_mode(), eval_mode(model) if model.training else nullcontext():
             if self._prefill is None:
                 self._prefill = self._admit()
             if self._prefill is not None:
@@ -268,8 +270,7 @@ class ContinuousBatcher:
             if self.rows:
                 outputs += self._decode()
         if not self.rows and self._prefill is None:
-            # Idle: give the memory back; weights may change before the next request.
-            self._cache, self._fused = None, None
+            self._fused = None  # weights may change before the next request
         return outputs
 
     def reset(self) -> None:
@@ -326,13 +327,18 @@ class ContinuousBatcher:
         return outputs
 
     def _reserve(self, rows: int, slots: int, like: KVCache) -> None:
-        """Make the cache hold ``rows`` rows of ``slots`` slots, copying it if it must grow."""
+        """Make the cache hold ``rows`` rows of ``slots`` slots, copying it if it must grow.
+
+        It is allocated for as many rows as ``max_batch_tokens`` allows at its slots, so that it
+        seldom grows (allocating is a large share of a short burst's time), and kept while idle.
+        """
         self._row_slots = max(self._row_slots, slots)
         old = self._cache
         if old is not None and rows <= old.capacity and slots <= old.slots:
             return
-        capacity = min(self.max_batch_size, max(rows, 2 * old.capacity if old else rows))
-        slots = -(-max(slots, old.slots if old else 0) // SLOT_BLOCK) * SLOT_BLOCK
+        slots = max(slots, old.slots if old else 0)
+        slots = max(slots, min(-(-slots // SLOT_BLOCK) * SLOT_BLOCK, self.max_batch_tokens // rows))
+        capacity = max(rows, min(self.max_batch_size, self.max_batch_tokens // slots))
         cache = _RowCache(like, capacity, slots)
         device = self.engine.device
         bias = torch.full(

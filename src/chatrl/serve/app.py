@@ -27,7 +27,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as ASGIMessage
 
 from chatrl.batching import ContinuousBatcher
 from chatrl.chat_format import encode_prompt
@@ -259,6 +262,8 @@ async def _disconnect(request: Request) -> None:
 async def _next(queue: asyncio.Queue, worker: GenerationWorker, gone: asyncio.Future | None = None):
     """The worker's next item for a job, or an error should its thread stop; raise
     ``_ClientGone`` if ``gone`` (``_disconnect``) completes first."""
+    if not queue.empty():
+        return queue.get_nowait()
     while True:
         getter = asyncio.ensure_future(queue.get())
         waits = {getter} if gone is None else {getter, gone}
@@ -290,6 +295,37 @@ def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+class _Guard:
+    """The API key on every ``/v1`` request, the security headers on every response.
+
+    A plain ASGI middleware: Starlette's ``@app.middleware("http")`` would pass every streamed
+    chunk through a task and a memory stream, a large share of the event loop's work when many
+    streams run.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.api_key and scope["path"].startswith("/v1"):
+            given = Headers(scope=scope).get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                message = "missing API key" if not given else "incorrect API key"
+                error = APIError(
+                    401, f"{message}: send Authorization: Bearer KEY", code="invalid_api_key"
+                )
+                return await error.response()(scope, receive, send)
+
+        async def send_with_headers(message: ASGIMessage) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).update(SECURITY_HEADERS)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     """The server's FastAPI app around ``engine``; its worker thread runs while the app does."""
     batcher = ContinuousBatcher(
@@ -317,19 +353,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
         return APIError(error.status_code, str(error.detail), param=None).response()
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-                message = "missing API key" if not given else "incorrect API key"
-                error = APIError(
-                    401, f"{message}: send Authorization: Bearer KEY", code="invalid_api_key"
-                )
-                return error.response()
-        response = await call_next(request)
-        response.headers.update(SECURITY_HEADERS)
-        return response
+    app.add_middleware(_Guard, api_key=settings.api_key)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
