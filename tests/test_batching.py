@@ -170,3 +170,25 @@ def test_requests_wait_for_room_and_impossible_ones_are_refused(micro_engine):
     with pytest.raises(UserError, match="prompt 0 is empty"):
         batcher.add([], greedy)
     assert batcher.idle
+
+
+def test_the_cache_grows_under_running_rows_within_its_budget(micro_engine):
+    engine = micro_engine
+    a, _, c, _ = prompts(engine)
+    short, long = (
+        SamplingParams(max_new_tokens=40, temperature=0),
+        SamplingParams(max_new_tokens=300, temperature=0),
+    )
+    batcher = ContinuousBatcher(engine, max_batch_size=8, max_batch_tokens=4000)
+    first = batcher.add(a, short)
+    batcher.step()
+    small = batcher.cache_slots
+    second = batcher.add(c, long)
+    batcher.step()
+    assert batcher.cache_slots > small and len(batcher.rows) == 2
+    while not batcher.idle:
+        batcher.step()
+        assert batcher.cache_slots <= 4000
+    for request in (first, second):
+        want = alone(engine, request.prompt, request.params)[0]
+        assert request.completions()[0].token_ids == want.token_ids

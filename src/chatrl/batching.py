@@ -183,11 +183,11 @@ class _RowCache(Cache):
         for layer in self.layers:
             layer.slots, layer.window = slots, window
 
-    def copy_from(self, old: _RowCache, rows: int) -> None:
-        """The first ``rows`` rows of a smaller cache."""
+    def copy_from(self, old: _RowCache, rows: int, slots: int) -> None:
+        """The first ``slots`` slots of the first ``rows`` rows of another cache."""
         for new, layer in zip(self.layers, old.layers, strict=True):
-            new.keys[:rows, :, : old.slots] = layer.keys[:rows]
-            new.values[:rows, :, : old.slots] = layer.values[:rows]
+            new.keys[:rows, :, :slots] = layer.keys[:rows, :, :slots]
+            new.values[:rows, :, :slots] = layer.values[:rows, :, :slots]
 
     def move(self, source: int, target: int) -> None:
         for layer in self.layers:
@@ -223,6 +223,12 @@ class ContinuousBatcher:
         self._cache: _RowCache | None = None
         self._row_slots = 0  # slots the longest running row needs
         self._fused = None
+
+    @property
+    def cache_slots(self) -> int:
+        """Slots the cache holds now (rows times slots a row; never above ``max_batch_tokens``
+        unless one request alone needs more rows' worth)."""
+        return 0 if self._cache is None else self._cache.capacity * self._cache.slots
 
     @property
     def idle(self) -> bool:
@@ -332,11 +338,10 @@ class ContinuousBatcher:
         It is allocated for as many rows as ``max_batch_tokens`` allows at its slots, so that it
         seldom grows (allocating is a large share of a short burst's time), and kept while idle.
         """
-        self._row_slots = max(self._row_slots, slots)
+        self._row_slots = slots = max(self._row_slots, slots)
         old = self._cache
         if old is not None and rows <= old.capacity and slots <= old.slots:
             return
-        slots = max(slots, old.slots if old else 0)
         slots = max(slots, min(-(-slots // SLOT_BLOCK) * SLOT_BLOCK, self.max_batch_tokens // rows))
         capacity = max(rows, min(self.max_batch_size, self.max_batch_tokens // slots))
         cache = _RowCache(like, capacity, slots)
@@ -346,10 +351,10 @@ class ContinuousBatcher:
         ).to(device)
         lengths = torch.zeros(capacity, dtype=torch.long, device=device)
         last = torch.zeros(capacity, dtype=torch.long, device=device)
-        if old is not None:
-            live = len(self.rows)
-            cache.copy_from(old, live)
-            bias[:live, : old.slots] = self._bias[:live]
+        if old is not None:  # the live rows' slots, all within ``slots``
+            live, kept = len(self.rows), min(old.slots, slots)
+            cache.copy_from(old, live, kept)
+            bias[:live, :kept] = self._bias[:live, :kept]
             lengths[:live], last[:live] = self._lengths[:live], self._last[:live]
         self._cache, self._bias, self._lengths, self._last = cache, bias, lengths, last
 
