@@ -37,6 +37,7 @@ from chatrl.engine import (
     check_length,
     draw,
     eval_mode,
+    last_logits,
     prefill_mask,
     uniform,
 )
@@ -121,15 +122,15 @@ class _Prefill:
         position's logits [requests, vocab] once the prompts are through, else None."""
         start = self.done
         self.done = end = min(self.width, start + max(1, budget // len(self.requests)))
-        out = self.engine.model(
-            input_ids=self.input_ids[:, start:end],
-            attention_mask=prefill_mask(self.valid, start, end, self.engine.dtype),
-            position_ids=self.positions[:, start:end],
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
+        mask = prefill_mask(self.valid, start, end, self.engine.dtype)
+        logits = last_logits(
+            self.engine.model,
+            self.input_ids[:, start:end],
+            mask,
+            self.positions[:, start:end],
+            self.cache,
         )
-        return out.logits[:, -1] if end == self.width else None
+        return logits if end == self.width else None
 
 
 class _RowLayer(CacheLayerMixin):
@@ -393,14 +394,7 @@ class ContinuousBatcher:
                 logits = llama_decode(*inputs, keys, values, lengths.clone())
         else:
             self._cache.at(lengths.clone(), window)
-            logits = engine.model(
-                input_ids=tokens,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=self._cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
+            logits = last_logits(engine.model, tokens, mask, positions, self._cache)
         self._lengths[:live] += 1
         self.steps += 1
         outputs = self._record(list(self.rows), logits)

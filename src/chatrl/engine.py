@@ -267,6 +267,20 @@ def eval_mode(model):
         model.train(was_training)
 
 
+def last_logits(model, input_ids, mask, position_ids, cache: Cache) -> torch.Tensor:
+    """The model's own forward over ``input_ids`` with an additive ``mask``, extending
+    ``cache``; the logits of the last position [rows, vocab]."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1]
+
+
 def check_length(engine: Engine, prompt_len: int, max_new_tokens: int) -> None:
     """Raise UserError when a prompt and its response would not fit the model."""
     total = prompt_len + max_new_tokens
@@ -398,15 +412,7 @@ class _Batch:
         return all(sequence.finished for sequence in self.sequences)
 
     def _forward(self, input_ids, mask, position_ids) -> torch.Tensor:
-        out = self.engine.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1]
+        return last_logits(self.engine.model, input_ids, mask, position_ids, self.cache)
 
     @torch.inference_mode()
     def prefill(self) -> None:
