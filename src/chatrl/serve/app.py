@@ -482,16 +482,22 @@ async def _events(
             yield chunk(i, {"role": "assistant", "content": ""})
         completions: list[Completion] = []
         while len(completions) < job.params.n:
-            item = await _next(queue, worker)
-            if isinstance(item, BaseException):
-                yield _sse(_failure(item).body())
-                return
-            index, value = item
-            if isinstance(value, str):
-                yield chunk(index, {"content": value})
-            else:
-                completions.append(value)
-                yield chunk(index, {}, value.finish_reason)
+            # What has arrived goes out in one write: fewer sends when the loop falls behind.
+            events, item = [], await _next(queue, worker)
+            while True:
+                if isinstance(item, BaseException):
+                    yield "".join(events) + _sse(_failure(item).body())
+                    return
+                index, value = item
+                if isinstance(value, str):
+                    events.append(chunk(index, {"content": value}))
+                else:
+                    completions.append(value)
+                    events.append(chunk(index, {}, value.finish_reason))
+                if queue.empty():
+                    break
+                item = queue.get_nowait()
+            yield "".join(events)
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completions)})
         yield _sse("[DONE]")
