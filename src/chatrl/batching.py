@@ -227,8 +227,7 @@ class ContinuousBatcher:
 
     @property
     def cache_slots(self) -> int:
-        """Slots the cache holds now (rows times slots a row; never above ``max_batch_tokens``
-        unless one request alone needs more rows' worth)."""
+        """Slots the cache holds now: rows times slots a row, never above ``max_batch_tokens``."""
         return 0 if self._cache is None else self._cache.capacity * self._cache.slots
 
     @property
