@@ -57,7 +57,7 @@ class GenerationWorker:
     def __init__(self, batcher: ContinuousBatcher, max_jobs: int, max_tokens: int):
         self.batcher, self.max_jobs, self.max_tokens = batcher, max_jobs, max_tokens
         self.completed = 0  # jobs finished (answered, failed or cancelled)
-        self.generated = 0  # tokens written
+        self.generated = 0  # tokens of the generations finished (not those cancelled)
         self._generations = self._tokens = 0
         self._lock = threading.Lock()
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
