@@ -171,16 +171,17 @@ def test_changed_section_reruns_from_that_stage(finished_run, tmp_path):
 
 @pytest.mark.slow
 def test_methods_train_side_by_side_and_the_card_compares_them(finished_run, tmp_path):
-    """Adding DPO to stage 3 trains DPO from the same SFT model and rankings, keeps PPO, and
-    reruns eval; ``--from dpo`` reruns DPO and eval only."""
+    """Adding DPO, RLOO and GRPO to stage 3 trains each from the same SFT model (and rankings
+    or reward model), keeps PPO, reruns eval; ``--from dpo`` reruns DPO and eval only."""
     import shutil
 
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
-    text = (
-        (out / "config.toml").read_text().replace("seed = 0", 'seed = 0\nmethods = ["ppo", "dpo"]')
-    )
+    text = (out / "config.toml").read_text()
+    text = text.replace("seed = 0", 'seed = 0\nmethods = ["grpo", "dpo", "ppo", "rloo"]')
+    online = "world_prompts = 32\nmax_steps = 2\nrollout_batch_size = 8\nresponse_length = 12\n"
     text += "[dpo]\nmax_steps = 3\nlearning_rate = 1e-3\n"
+    text += f"[rloo]\n{online}[grpo]\n{online}reward_fn = 'chatrl.world:gold_reward'\n"
     result = chatrl("run", config(tmp_path, text), "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     skipped = [
@@ -188,13 +189,18 @@ def test_methods_train_side_by_side_and_the_card_compares_them(finished_run, tmp
     ]
     assert skipped == ["model", "sft", "sample", "label", "rm", "ppo"]
     report = json.loads((out / "report.json").read_text())
-    assert list(report["methods"]) == ["ppo", "dpo"]
-    dpo = report["methods"]["dpo"]
-    assert dpo["tokens"] > 0 and dpo["seconds"] > 0
-    assert set(REPORT_FIELDS) <= set(report["dpo"]) and "dpo_greedy" in report["policies"]
-    assert report["ppo"]["gold_score"] == report["methods"]["ppo"]["gold_score"]
+    methods = report["methods"]
+    assert list(methods) == ["ppo", "dpo", "rloo", "grpo"]  # the pipeline's order
+    for name, method in methods.items():
+        assert method["tokens"] > 0 and method["seconds"] > 0, name
+        assert set(REPORT_FIELDS) <= set(report[name]) and f"{name}_greedy" in report["policies"]
+    assert methods["ppo"]["gold_score"] == report["ppo"]["gold_score"]
+    assert methods["dpo"]["trained_on"] == "rankings"
+    assert methods["rloo"]["trained_on"] == "reward model"
+    assert methods["grpo"]["trained_on"] == "reward model + gold labeler"
     card = (out / "report.md").read_text()
-    assert "| method |" in card and "| dpo |" in card
+    assert "| method |" in card and "| dpo |" in card and "| grpo_greedy |" in card
+    assert "**grpo trained on the gold labeler's reward**" in card
 
     again = chatrl("run", config(tmp_path, text), "--out", out, "--from", "dpo")
     assert again.returncode == 0, again.stderr[-3000:]

@@ -17,6 +17,7 @@ stage trains on; stages never see the gold labeler beyond what the simulated ann
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,8 +33,10 @@ from rich.console import Console
 
 from chatrl.config import (
     DPOConfig,
+    GRPOConfig,
     LMConfig,
     PPOConfig,
+    RLOOConfig,
     RMConfig,
     StageConfig,
     build,
@@ -43,7 +46,7 @@ from chatrl.data import load_json_file, write_json, write_jsonl
 from chatrl.errors import UserError
 
 UPSTREAM = ("model", "sft", "sample", "label", "rm")
-METHODS = ("ppo", "dpo")  # stage 3's methods, in the order a run trains them
+METHODS = ("ppo", "dpo", "rloo", "grpo")  # stage 3's methods, in the order a run trains them
 STAGES = (*UPSTREAM, *METHODS, "eval")  # every stage a run may have, in order
 DEMO_CONFIG = Path(__file__).parent / "demo.toml"
 console = Console(stderr=True)
@@ -92,7 +95,7 @@ class RMSection(StageConfig, extra="allow"):
     pass
 
 
-class PPOSection(StageConfig, extra="allow"):
+class OnlineSection(StageConfig, extra="allow"):  # PPO, RLOO, GRPO
     prompts: str | None = None  # default: the world's "train" split
     world_prompts: int = 2000
 
@@ -117,8 +120,10 @@ class RunConfig(StageConfig):
     sample: SampleSection = SampleSection()
     label: LabelSection = LabelSection()
     rm: RMSection = RMSection()
-    ppo: PPOSection = PPOSection()
+    ppo: OnlineSection = OnlineSection()
     dpo: DPOSection = DPOSection()
+    rloo: OnlineSection = OnlineSection()
+    grpo: OnlineSection = OnlineSection()
     eval: EvalSection = EvalSection()
 
 
@@ -225,13 +230,14 @@ def _stage_settings(cfg: RunConfig, stage: str, run: Path, source: str = "config
             "out": str(run / "dpo"),
         }
         return build(DPOConfig, {**seed, **_extras(cfg.dpo), **wiring}, where)
-    wiring = {
+    wiring = {  # an online method: from the SFT model, against the reward model
         "policy": str(run / "sft"),
         "reward": str(run / "rm"),
-        "prompts": str(run / "ppo" / "prompts.jsonl"),
-        "out": str(run / "ppo"),
+        "prompts": str(run / stage / "prompts.jsonl"),
+        "out": str(run / stage),
     }
-    return build(PPOConfig, {**seed, **_extras(cfg.ppo), **wiring}, where)
+    settings = {"ppo": PPOConfig, "rloo": RLOOConfig, "grpo": GRPOConfig}[stage]
+    return build(settings, {**seed, **_extras(getattr(cfg, stage)), **wiring}, where)
 
 
 def _base_model(cfg: RunConfig, run: Path) -> Path | str:
@@ -383,16 +389,19 @@ def run_rm(run: Run) -> None:
     train_reward(settings)
 
 
-def run_ppo(run: Run) -> None:
+def _run_online(run: Run, method: str) -> None:
+    """PPO, RLOO or GRPO on the world's "train" prompts (or the section's own)."""
+    from chatrl.train.grpo import train_grpo
     from chatrl.train.ppo import train_ppo
+    from chatrl.train.rloo import train_rloo
     from chatrl.world import rollout_gold_score
 
-    cfg = run.cfg
-    _stage_prompts(run, "ppo", "train")
-    settings = _stage_settings(cfg, "ppo", run.dir)
+    train = {"ppo": train_ppo, "rloo": train_rloo, "grpo": train_grpo}[method]
+    _stage_prompts(run, method, "train")
+    settings = _stage_settings(run.cfg, method, run.dir)
     settings.resume = True
-    # In the world, PPO logs the gold score of its rollouts: over-optimisation shows.
-    train_ppo(settings, rollout_metrics=rollout_gold_score if cfg.world else None)
+    # In the world, the method logs the gold score of its rollouts: over-optimisation shows.
+    train(settings, rollout_metrics=rollout_gold_score if run.cfg.world else None)
 
 
 def run_dpo(run: Run) -> None:
@@ -432,8 +441,10 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], None]] = {
     "sample": run_sample,
     "label": run_label,
     "rm": run_rm,
-    "ppo": run_ppo,
+    "ppo": functools.partial(_run_online, method="ppo"),
     "dpo": run_dpo,
+    "rloo": functools.partial(_run_online, method="rloo"),
+    "grpo": functools.partial(_run_online, method="grpo"),
     "eval": run_eval,
 }
 

@@ -159,12 +159,14 @@ def method_summary(
 ) -> dict[str, dict[str, Any]]:
     """Per stage-3 method: gold score at temperature 1 and greedy, win rate against SFT,
     refusal and over-refusal, KL to SFT, the share of the SFT → perfect gap closed, the
-    stage's wall time and the tokens its trainer read (its log's running ``tokens``)."""
+    stage's wall time and the tokens of the sequences it trained on (prompt + response, each
+    counted once per update; the sum of its log's ``tokens``)."""
     summary = {}
     for method in methods_of(policies):
         row, greedy = policies[method], policies[f"{method}_greedy"]
         tokens = [r["tokens"] for r in _metrics(run / method / "metrics.jsonl") if "tokens" in r]
         summary[method] = {
+            "trained_on": training_reward(run / method / "train_config.json"),
             "gold_score": row["gold_score"],
             "gold_score_greedy": greedy["gold_score"],
             "win_rate_vs_sft": row["win_rate_vs_sft"],
@@ -173,9 +175,25 @@ def method_summary(
             "kl_vs_sft": row["kl_vs_sft"],
             "gap_closed": gap_closed(policies, method),
             "seconds": seconds.get(method),
-            "tokens": tokens[-1] if tokens else None,
+            "tokens": sum(tokens) if tokens else None,
         }
     return summary
+
+
+def training_reward(train_config: Path) -> str:
+    """What a stage-3 method learned from: the rankings (DPO), the reward model, a reward
+    function, or the world's gold labeler, which makes its gold evaluation not independent."""
+    from chatrl.reward_fn import load_reward_fn
+    from chatrl.world import gold_reward
+
+    cfg = load_json_file(train_config) if train_config.exists() else {}
+    if "reward" not in cfg and "reward_fn" not in cfg:
+        return "rankings"
+    parts = ["reward model"] if cfg.get("reward") and cfg.get("reward_model_weight", 1) else []
+    if cfg.get("reward_fn"):
+        gold = load_reward_fn(cfg["reward_fn"]) is gold_reward
+        parts.append("gold labeler" if gold else f"reward fn {cfg['reward_fn']}")
+    return " + ".join(parts)
 
 
 def _method_table(methods: dict[str, dict[str, Any]]) -> list[str]:
@@ -184,6 +202,13 @@ def _method_table(methods: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in methods.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+    gold = [name for name, row in methods.items() if "gold labeler" in row["trained_on"]]
+    if gold:
+        lines += [
+            "",
+            f"**{', '.join(gold)} trained on the gold labeler's reward**: their gold scores are "
+            "not an independent evaluation (the world is then a verifiable-reward benchmark).",
+        ]
     return lines
 
 

@@ -140,8 +140,9 @@ def train_dpo(cfg: DPOConfig) -> Path:
                     grad_norm=float(grad_norm),
                     learning_rate=scheduler.get_last_lr()[0],
                     pairs_per_s=pairs_per_s,
-                    tokens=process_sum(accelerator, tokens)[0],  # read so far, all processes
+                    tokens=process_sum(accelerator, tokens)[0],  # since the last record
                 )
+                tokens = 0
             if eval_groups and cfg.eval_steps and done % cfg.eval_steps == 0:
                 run.log.log(done, **{f"eval_{k}": v for k, v in run_eval().items()})
             run.maybe_checkpoint(done, len(schedule))

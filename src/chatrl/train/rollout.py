@@ -109,6 +109,7 @@ def run_updates(
             clock.lap("train")
             check_replicas(accelerator, trained, step + 1)
             metrics["samples_per_s"] = cfg.rollout_batch_size / sum(clock.seconds.values())
+            metrics["tokens"] = sequence_tokens(rollout) * accelerator.num_processes
             metrics |= {f"time_{phase}": seconds for phase, seconds in clock.seconds.items()}
             done = step + 1
             run.log.log(done, **metrics)
@@ -430,6 +431,13 @@ def response_states(model: nn.Module, input_ids: torch.Tensor, index: torch.Tens
 
 
 @torch.no_grad()
+def sequence_tokens(rollout: Rollout) -> int:
+    """The rollout's tokens, prompts and responses: this process's (``index[:, 0]`` is where
+    the prompt's last token sits)."""
+    prompts = int(rollout.index[:, 0].sum()) + len(rollout.completions)
+    return prompts + sum(len(c.token_ids) for c in rollout.completions)
+
+
 def policy_logprobs(model, input_ids, index, tokens) -> torch.Tensor:
     """log π(y_t) of every response token under a causal LM (the reference model)."""
     states = response_states(model, input_ids, index)
