@@ -17,6 +17,7 @@ stage trains on; stages never see the gold labeler beyond what the simulated ann
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from rich.console import Console
 
 from chatrl.config import (
@@ -144,9 +146,11 @@ def read_run_toml(path: str | Path) -> dict[str, Any]:
     return merged
 
 
-def load_run_config(path: str | Path) -> RunConfig:
-    """A run's TOML config; errors name the file, the section and the key."""
-    cfg = build(RunConfig, read_run_toml(path), str(path))
+def load_run_config(path: str | Path, table: dict[str, Any] | None = None) -> RunConfig:
+    """A run's TOML config; errors name the file, the section and the key. ``table``: the
+    config's contents, already read (``read_run_toml``; ``path`` then only names it in
+    errors)."""
+    cfg = build(RunConfig, read_run_toml(path) if table is None else table, str(path))
     assert isinstance(cfg, RunConfig)
     if cfg.model.path:
         cfg.model.path = _expand(cfg.model.path, f"{path}: [model] path")
@@ -499,10 +503,45 @@ def _read_state(path: Path) -> dict[str, Any]:
     return load_json_file(path) if path.exists() else {}
 
 
+def _stage_lock(stage_cache: Path | None, stage: str, digest: str):
+    """While held, no other run sharing ``stage_cache`` runs or stores this stage's ``digest``."""
+    if stage_cache is None:
+        return contextlib.nullcontext()
+    stage_cache.mkdir(parents=True, exist_ok=True)
+    return FileLock(stage_cache / f"{stage}-{digest}.lock")
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """A copy of ``source`` at ``target`` made of hard links (a plain copy across file systems),
+    written beside it and renamed into place. Stages never change a finished stage's files."""
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial, copy_function=link)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+
+
 def run_pipeline(
-    config_path: str | Path, out: str | Path, from_stage: str | None = None
+    config_path: str | Path,
+    out: str | Path,
+    from_stage: str | None = None,
+    stage_cache: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) every stage; return the stage records and metrics. See the module doc."""
+    """Run (or resume) every stage; return the stage records and metrics. See the module doc.
+
+    ``stage_cache``: a directory that runs share (``chatrl sweep``'s trials). A stage finished
+    there with the same hash (the same settings and upstream) is linked into this run instead of
+    run again, and every stage this run finishes is stored there. Trainers record their paths
+    (train_config.json, the reward model's eval.json) for people only: nothing reads them back.
+    """
+    stage_cache = Path(stage_cache) if stage_cache is not None else None
     cfg = load_run_config(config_path)
     if from_stage is not None and from_stage not in STAGES:
         raise UserError(f"--from must be one of {', '.join(STAGES)}")
@@ -518,24 +557,34 @@ def run_pipeline(
         forced = _forced(cfg, stage, from_stage)
         digest = digests[stage] = stage_hash(cfg, stage, _upstream(cfg, stage, digests))
         state_path = run.dir / stage / "stage.json"
-        state = _read_state(state_path)
-        if state.get("hash") == digest and state.get("done") and not forced:
-            console.print(f"[green]✓[/] {stage}: done earlier ({state['seconds']:.0f} s), skipped")
-        else:
-            if state and (state.get("hash") != digest or forced):
-                shutil.rmtree(run.dir / stage)  # settings changed: start the stage afresh
-            elif state:
-                console.print(f"[yellow]↻[/] {stage}: resuming an interrupted run")
-            console.print(f"[bold]▶ {stage}[/]")
-            run.stage_dir(stage)
-            write_json(state_path, {"hash": digest, "done": False})
-            started = time.perf_counter()
-            STAGE_FUNCTIONS[stage](run)
-            seconds = time.perf_counter() - started + state.get("seconds_before", 0.0)
-            state = {"hash": digest, "done": True, "seconds": seconds, "metrics": run.metrics}
-            write_json(state_path, state)
-            run.metrics = {}
-            console.print(f"[green]✓[/] {stage}: {seconds:.0f} s")
+        with _stage_lock(stage_cache, stage, digest):
+            state = _read_state(state_path)
+            cached = stage_cache / f"{stage}-{digest}" if stage_cache else None
+            if state.get("hash") == digest and state.get("done") and not forced:
+                console.print(
+                    f"[green]✓[/] {stage}: done earlier ({state['seconds']:.0f} s), skipped"
+                )
+            elif cached and cached.exists() and not forced:
+                _link_tree(cached, run.dir / stage)
+                state = _read_state(state_path)
+                console.print(f"[green]✓[/] {stage}: reused from the stage cache, skipped")
+            else:
+                if state and (state.get("hash") != digest or forced):
+                    shutil.rmtree(run.dir / stage)  # settings changed: start the stage afresh
+                elif state:
+                    console.print(f"[yellow]↻[/] {stage}: resuming an interrupted run")
+                console.print(f"[bold]▶ {stage}[/]")
+                run.stage_dir(stage)
+                write_json(state_path, {"hash": digest, "done": False})
+                started = time.perf_counter()
+                STAGE_FUNCTIONS[stage](run)
+                seconds = time.perf_counter() - started + state.get("seconds_before", 0.0)
+                state = {"hash": digest, "done": True, "seconds": seconds, "metrics": run.metrics}
+                write_json(state_path, state)
+                run.metrics = {}
+                console.print(f"[green]✓[/] {stage}: {seconds:.0f} s")
+                if cached and not cached.exists():
+                    _link_tree(run.dir / stage, cached)
         records[stage] = state
     from chatrl.report import write_report
 
