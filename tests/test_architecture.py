@@ -33,7 +33,7 @@ WORLD = "chatrl.world"
 APPS = {
     "chatrl.__main__", "chatrl.cli", "chatrl.pipeline", "chatrl.report", "chatrl.serve",
     "chatrl.serve.app", "chatrl.serve.chat", "chatrl.serve.worker", "chatrl.world.commands",
-    "chatrl.label.commands", "chatrl.teacher.commands",
+    "chatrl.label.commands", "chatrl.teacher.commands", "chatrl.sweep",
 }  # fmt: skip
 
 

@@ -61,6 +61,17 @@ def finished_run(tmp_path_factory) -> Path:
     return out
 
 
+def kill_once_written(cmd: list[str], path: Path) -> None:
+    """Start ``cmd`` and SIGKILL it as soon as ``path`` exists."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, f"{path} was never written"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 REPORT_FIELDS = ("gold_score", "win_rate_vs_sft", "refusal_rate", "over_refusal_rate")
 REPORT_FIELDS += ("stop_rate", "mean_length", "kl_vs_sft")
 
@@ -136,14 +147,7 @@ def test_rerun_skips_finished_stages(finished_run, tmp_path):
 def test_killed_run_resumes_to_the_same_result(finished_run, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "chatrl", "run", str(config(tmp_path)), "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = out / "sft" / "checkpoint" / "trainer_state.json"
-    deadline = time.time() + 300
-    while not checkpoint.exists():
-        assert proc.poll() is None and time.time() < deadline, "sft never checkpointed"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_once_written(cmd, out / "sft" / "checkpoint" / "trainer_state.json")
     result = chatrl("run", out / "config.toml", "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "model: done earlier" in result.stderr and "sft: resuming" in result.stderr

@@ -496,6 +496,69 @@ def demo_cmd(
     _run_and_report(config, out, None)
 
 
+@app.command("sweep")
+def sweep_cmd(
+    config: Annotated[Path, typer.Argument(help="The run config to search around (demo.toml).")],
+    space: Annotated[
+        Path,
+        typer.Option(help="TOML: the settings to search ([ppo] learning_rate = { low, high }…)."),
+    ],
+    trials: Annotated[int, typer.Option(min=1, help="Trials the study runs in all.")] = 20,
+    out: Annotated[
+        Path, typer.Option(help="Sweep directory: trials/, stages/, study.db, best.toml, plots/.")
+    ] = Path("runs/sweep"),
+    workers: Annotated[
+        int, typer.Option(min=1, help="Trials at once (they share the CPU cores).")
+    ] = 1,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Optuna storage URL (default sqlite:///OUT/study.db; or "
+            "postgresql+psycopg://USER@HOST/DB): commands on one storage share the study."
+        ),
+    ] = None,
+    study: Annotated[str, typer.Option(help="Study name in the storage.")] = "sweep",
+    second_seed: Annotated[
+        int | None,
+        typer.Option(help="Seed the best trial is re-run on (default: the run's seed + 1)."),
+    ] = None,
+    confirm: Annotated[
+        bool,
+        typer.Option(help="Re-run the best trial and the config on the second seed."),
+    ] = True,
+    heartbeat: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Seconds between a trial's heartbeats; 3 missed: retried elsewhere."
+        ),
+    ] = 10,
+) -> None:
+    """Search any stage's settings with Optuna (TPE, pruning), each trial a pipeline run.
+
+    Trials share finished stages (a PPO-only sweep trains SFT and the reward model once) and
+    live in an Optuna database, so the same command resumes a killed sweep, and `--workers` or
+    several commands share one study. Writes a table of the trials (sweep.md), the best
+    settings as a runnable config (best.toml) and plots; the best is re-run on a second seed
+    and called better only if it beats the config on both. docs/sweep.md has the space file.
+    """
+    from chatrl.pipeline import load_run_config
+    from chatrl.sweep import run_sweep
+
+    if confirm and second_seed is None:
+        second_seed = load_run_config(config).seed + 1
+    run_sweep(
+        config,
+        space,
+        trials,
+        out,
+        workers=workers,
+        storage=storage,
+        study_name=study,
+        heartbeat=heartbeat,
+        confirm_seed=second_seed if confirm else None,
+    )
+
+
 ModelDirArg = Annotated[
     Path, typer.Argument(help="Model directory to talk to, e.g. runs/demo/ppo.", show_default=False)
 ]
