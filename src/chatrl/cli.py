@@ -539,7 +539,14 @@ def sweep_cmd(
     live in an Optuna database, so the same command resumes a killed sweep, and `--workers` or
     several commands share one study. Writes a table of the trials (sweep.md), the best
     settings as a runnable config (best.toml) and plots; the best is re-run on a second seed
-    and called better only if it beats the config on both. docs/sweep.md has the space file.
+    and called better only if it beats the config on both. A space file (docs/sweep.md):
+
+        [ppo]
+        learning_rate = { low = 1e-5, high = 2e-4, log = true }
+        kl_coef = { choices = [0.02, 0.05, 0.1] }
+        [objective]
+        metric = "gap_closed"                  # or "ppo.gold_score", "log.ppo.eval_rm_score"…
+        intermediate = "log.ppo.gold_score"    # prune on PPO's per-step gold score
     """
     from chatrl.pipeline import load_run_config
     from chatrl.sweep import run_sweep
