@@ -521,7 +521,7 @@ def run_worker(sweep: Sweep, worker: int) -> None:
         lock.acquire()
         optuna.storages.fail_stale_trials(study)
         trials = counted(study.get_trials(deepcopy=False))
-        if len([t for t in trials if t.state.is_finished()]) >= sweep.trials:
+        if len(finished(trials)) >= sweep.trials:
             lock.release()
             return
         queued = any(t.state == TrialState.WAITING for t in trials)
@@ -558,7 +558,7 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, lock: FileLock) -> list[float]:
         path = run / stage / "metrics.jsonl"
         for line in path.read_text().splitlines() if path.exists() else []:
             record = json.loads(line)
-            if key in record and record["step"] not in reported:
+            if record.get(key) is not None and record["step"] not in reported:
                 trial.report(record[key], record["step"])
                 reported.add(record["step"])
         pruned = bool(reported) and trial.should_prune()
