@@ -135,6 +135,7 @@ def test_sweep_on_postgresql(tmp_path, postgres_db):
         (SPACE.replace("learning_rate", "lerning_rate"), "[ppo] lerning_rate: unknown key"),
         (SPACE.replace("high = 1e-3", "high = 1e-5"), "[ppo] learning_rate: empty range"),
         (SPACE.replace("[0.02, 0.05, 0.1]", "[]"), "[ppo] kl_coef: choices must be a non-empty"),
+        (SPACE.replace("log = true", "log = true, step = 1e-5"), "step must be a positive"),
         (SPACE + "[ppo2]\nx = 1\n", "unknown section [ppo2]"),
         ("[ppo]\npolicy = { choices = ['a'] }\n", "[ppo] policy: unknown key"),
         (

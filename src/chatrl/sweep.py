@@ -217,10 +217,12 @@ def _param(where: str, section: str, key: str, spec: Any) -> Param:
         raise UserError(f"{where}: a range needs numbers low and high")
     if low >= high:
         raise UserError(f"{where}: empty range (low {low} is not below high {high})")
-    log = bool(spec.get("log", False))
+    log, step = bool(spec.get("log", False)), spec.get("step")
     if log and low <= 0:
         raise UserError(f"{where}: a log range needs low > 0")
-    return Param(section, key, low, high, log, spec.get("step"))
+    if step is not None and (log or not isinstance(step, int | float) or step <= 0):
+        raise UserError(f"{where}: step must be a positive number, and without log")
+    return Param(section, key, low, high, log, step)
 
 
 def _objective(where: str, table: dict[str, Any]) -> tuple[list, list, str | None]:
