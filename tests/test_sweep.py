@@ -8,7 +8,7 @@ from test_pipeline import TINY, kill_once_written
 
 from chatrl.errors import UserError
 from chatrl.pipeline import load_run_config
-from chatrl.sweep import load_space
+from chatrl.sweep import load_space, objective_values
 
 # A PPO-only space: every trial after the first reuses model, sft, sample, label and rm. The
 # run config's values (PPO's defaults) lie in it, so they are the first trial.
@@ -145,6 +145,10 @@ def test_sweep_on_postgresql(tmp_path, postgres_db):
         (SPACE.replace('"ppo.gold_score"', '"ppo_gold"'), "'ppo_gold': unknown metric"),
         (SPACE + "[sampler]\nname = 'tpe'\nn_startup = 3\n", "[sampler]"),
         ("[objective]\n", "nothing to search"),
+        (
+            SPACE.replace('"ppo.gold_score"', '["ppo.gold_score", "ppo.kl_vs_sft"]'),
+            "intermediate: a logged metric (log.STAGE.KEY), and with a single objective",
+        ),
     ],
 )
 def test_space_mistakes_name_the_file_and_key(tmp_path, space, message):
@@ -160,3 +164,23 @@ def test_bad_space_file_is_one_line_with_exit_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "learning_rate: empty range" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "sweep").exists()
+
+
+def test_objectives_are_report_figures_or_logged_values_weighted(tmp_path):
+    space = """
+[ppo]
+kl_coef = { low = 0.01, high = 0.1 }
+[objective]
+metric = ["ppo.gold_score", { "log.ppo.eval_rm_score" = 1.0, "log.ppo.eval_kl" = -0.5 }]
+direction = ["maximize", "maximize"]
+"""
+    config, path = write(tmp_path, space)
+    run = tmp_path / "run"
+    (run / "ppo").mkdir(parents=True)
+    (run / "report.json").write_text(json.dumps({"ppo": {"gold_score": 0.25}}))
+    records = [{"step": 1, "eval_rm_score": 0.1, "eval_kl": 0.2}, {"step": 2, "kl": 9.0},
+               {"step": 3, "eval_rm_score": 0.5, "eval_kl": 0.4}]  # fmt: skip
+    (run / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert objective_values(run, load_space(path, config)) == [0.25, pytest.approx(0.3)]
+    (run / "report.json").write_text(json.dumps({"ppo": {"gold_score": None}}))
+    assert objective_values(run, load_space(path, config)) is None  # no figure: no value
