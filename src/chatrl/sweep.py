@@ -463,7 +463,13 @@ class Sweep:
 
 def create_study(sweep: Sweep) -> optuna.Study:
     """The sweep's study: created, or loaded to resume; refused if it was made for another
-    run config or space file."""
+    run config or space file. Under the lock in ``out``: commands starting together would race
+    to create the SQLite file's tables and to queue the first trial."""
+    with FileLock(sweep.out / ".ask.lock"):
+        return _create_study(sweep)
+
+
+def _create_study(sweep: Sweep) -> optuna.Study:
     study = optuna.create_study(
         study_name=sweep.study_name,
         storage=sweep.open_storage(),
@@ -485,10 +491,9 @@ def create_study(sweep: Sweep) -> optuna.Study:
     if study.directions != wanted:
         raise UserError(f"study {sweep.study_name!r}: its directions differ from the space file's")
     config = run_config_params(sweep)
-    with FileLock(sweep.out / ".ask.lock"):
-        if config is not None and not study.get_trials(deepcopy=False):
-            # The first trial: the run config as it is, the baseline the others are seen against.
-            study.enqueue_trial(config, user_attrs={"note": "the run config"})
+    if config is not None and not study.get_trials(deepcopy=False):
+        # The first trial: the run config as it is, the baseline the others are seen against.
+        study.enqueue_trial(config, user_attrs={"note": "the run config"})
     return study
 
 
