@@ -17,6 +17,9 @@ runnable TOML (``best.toml``), plots of each objective against each parameter an
 reward–KL frontier (``plots/``). The best trial and the unchanged run config are then both run
 on a second seed, and the best is reported as better only if it beats the config on both.
 docs/sweep.md describes the space file.
+
+One module for the whole command, in its order: the space file, metrics of a finished run, a
+run in a child process, the workers, the second seed, the outputs; hence the length.
 """
 
 from __future__ import annotations
