@@ -397,7 +397,8 @@ def last_line(run: Path) -> str:
 
 
 def write_config(base_text: str, params: dict[str, Any], seed: int | None, path: Path) -> Path:
-    """The run config ``base_text`` (its comments kept) with ``params`` set, and ``seed``."""
+    """The run config ``base_text`` (its comments kept) with ``params`` set, and ``seed``; a
+    set value's comment says so (the config's own comment explained the value it replaces)."""
     doc = tomlkit.parse(base_text)
     if seed is not None:
         doc["seed"] = seed
@@ -405,7 +406,11 @@ def write_config(base_text: str, params: dict[str, Any], seed: int | None, path:
         section, key = name.split(".", 1)
         if section not in doc:
             doc[section] = tomlkit.table()
-        doc[section][key] = value
+        before = doc[section].get(key)
+        item = tomlkit.item(value)
+        was = f"; the run config has {before.unwrap()!r}" if before is not None else ""
+        item.comment(f"set by chatrl sweep{was}")
+        doc[section][key] = item
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomlkit.dumps(doc), encoding="utf-8")
     return path
