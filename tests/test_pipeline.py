@@ -251,6 +251,24 @@ def test_model_path_expands_environment_variables(tmp_path, monkeypatch):
     assert load_run_config(path).model.path == f"{tmp_path}/m"
 
 
+def test_a_config_extends_another_and_the_run_keeps_the_settings(tmp_path):
+    from chatrl.pipeline import keep_config, load_run_config, read_run_toml
+
+    (tmp_path / "base.toml").write_text(TINY)
+    child = tmp_path / "child" / "run.toml"
+    child.parent.mkdir()
+    child.write_text('extends = "../base.toml"\nseed = 3\n[rm]\nmax_steps = 5\n')
+    cfg = load_run_config(child)
+    assert cfg.seed == 3 and cfg.rm.model_extra["max_steps"] == 5
+    assert cfg.ppo.model_extra["max_steps"] == 2  # the base's, untouched
+    assert cfg.model.preset == "micro"
+    keep_config(child, tmp_path / "run")  # what a run directory keeps: the settings themselves
+    assert load_run_config(tmp_path / "run" / "config.toml") == cfg
+    demo = tmp_path / "demo.toml"
+    demo.write_text('extends = "demo"\nmethods = ["ppo", "dpo"]\n')
+    assert read_run_toml(demo)["ppo"]["max_steps"] == 45 and read_run_toml(demo)["seed"] == 0
+
+
 def test_missing_config_file(tmp_path):
     result = chatrl("run", tmp_path / "nope.toml", "--out", tmp_path / "run")
     assert result.returncode == 2 and "config file not found" in result.stderr

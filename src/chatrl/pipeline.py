@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomlkit
 from filelock import FileLock
 from rich.console import Console
 
@@ -50,6 +51,11 @@ from chatrl.errors import UserError
 UPSTREAM = ("model", "sft", "sample", "label", "rm")
 METHODS = ("ppo", "dpo", "rloo", "grpo")  # stage 3's methods, in the order a run trains them
 STAGES = (*UPSTREAM, *METHODS, "eval")  # every stage a run may have, in order
+# The trainer settings behind the sections whose extra keys go to a trainer.
+SETTINGS = {
+    "model": LMConfig, "sft": LMConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig,
+    "rloo": RLOOConfig, "grpo": GRPOConfig,
+}  # fmt: skip
 DEMO_CONFIG = Path(__file__).parent / "demo.toml"
 console = Console(stderr=True)
 
@@ -240,8 +246,7 @@ def _stage_settings(cfg: RunConfig, stage: str, run: Path, source: str = "config
         "prompts": str(run / stage / "prompts.jsonl"),
         "out": str(run / stage),
     }
-    settings = {"ppo": PPOConfig, "rloo": RLOOConfig, "grpo": GRPOConfig}[stage]
-    return build(settings, {**seed, **_extras(getattr(cfg, stage)), **wiring}, where)
+    return build(SETTINGS[stage], {**seed, **_extras(getattr(cfg, stage)), **wiring}, where)
 
 
 def _base_model(cfg: RunConfig, run: Path) -> Path | str:
@@ -528,6 +533,19 @@ def _link_tree(source: Path, target: Path) -> None:
     partial.rename(target)
 
 
+def keep_config(config_path: str | Path, run_dir: Path) -> None:
+    """``RUN/config.toml``: a copy of the config, which reproduces the run; one that extends
+    another is written out whole, since its ``extends`` may be a path relative to it."""
+    copy = run_dir / "config.toml"
+    if Path(config_path).resolve() == copy.resolve():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if "extends" in read_toml(config_path):
+        copy.write_text(tomlkit.dumps(read_run_toml(config_path)), encoding="utf-8")
+    else:
+        shutil.copyfile(config_path, copy)
+
+
 def run_pipeline(
     config_path: str | Path,
     out: str | Path,
@@ -549,8 +567,7 @@ def run_pipeline(
         raise UserError(f"--from {from_stage}: this run has no such stage")
     run = Run(cfg, Path(out))
     run.dir.mkdir(parents=True, exist_ok=True)
-    if Path(config_path).resolve() != (run.dir / "config.toml").resolve():
-        shutil.copyfile(config_path, run.dir / "config.toml")  # the run holds what reproduces it
+    keep_config(config_path, run.dir)
     digests: dict[str, str] = {}
     records = {}
     for stage in run_stages(cfg):

@@ -46,22 +46,25 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from chatrl.config import LMConfig, PPOConfig, RMConfig, read_toml
+from chatrl.config import StageConfig, read_toml
 from chatrl.data import load_json_file, write_json
 from chatrl.errors import UserError
-from chatrl.pipeline import STAGES, RunConfig, load_run_config
-from chatrl.report import POLICIES
+from chatrl.pipeline import METHODS, SETTINGS, STAGES, RunConfig, load_run_config, read_run_toml
+from chatrl.report import FIRST
 from chatrl.train.loop import progress_bar
 
 console = Console(stderr=True)
 
-# The stage settings behind the sections whose other keys go to a trainer (see pipeline.py).
-STAGE_SETTINGS = {"model": LMConfig, "sft": LMConfig, "rm": RMConfig, "ppo": PPOConfig}
 # Keys of those settings that the pipeline sets itself: a searched value would be overwritten.
 WIRED = {"out", "seed", "resume", "model", "data", "policy", "reward"}
-SECTIONS = [name for name in RunConfig.model_fields if name not in ("seed", "world")]
-# Report figures a metric may name (``gap_closed``, ``ppo.gold_score``…), besides ``log.*``.
-REPORT_NAMES = {"gap_closed", "rm_accuracy", "annotator_agreement", "seconds", *POLICIES}
+SECTIONS = [
+    name for name, f in RunConfig.model_fields.items() if isinstance(f.default, StageConfig)
+]
+# Report figures a metric may name (``gap_closed``, ``ppo.gold_score``, ``methods.dpo.kl_vs_sft``…),
+# besides ``log.*``.
+POLICY_ROWS = {*FIRST, "perfect", *METHODS, *(f"{m}_greedy" for m in METHODS)}
+REPORT_NAMES = {"gap_closed", "rm_accuracy", "annotator_agreement", "seconds", "methods"}
+REPORT_NAMES |= POLICY_ROWS
 SAMPLERS = {
     "tpe": optuna.samplers.TPESampler,
     "random": optuna.samplers.RandomSampler,
@@ -144,7 +147,7 @@ def searchable(section: str, key: str) -> bool:
     """Whether ``[section] key`` is a setting of the run config that a sweep can change."""
     if key in type(RunConfig.model_fields[section].default).model_fields:
         return True
-    stage = STAGE_SETTINGS.get(section)
+    stage = SETTINGS.get(section)
     return stage is not None and key in stage.model_fields and key not in WIRED
 
 
@@ -153,7 +156,7 @@ def current_value(table: dict[str, Any], section: str, key: str) -> Any:
     if key in table.get(section, {}):
         return table[section][key]
     fields = type(RunConfig.model_fields[section].default).model_fields
-    field = fields.get(key) or STAGE_SETTINGS[section].model_fields[key]
+    field = fields.get(key) or SETTINGS[section].model_fields[key]
     return None if field.is_required() else field.default
 
 
@@ -173,7 +176,7 @@ def load_space(path: Path, config: Path) -> Space:
     where = str(path)
     objective = table.pop("objective", {})
     sampler, pruner = table.pop("sampler", {}), table.pop("pruner", {})
-    base = read_toml(config)
+    base = read_run_toml(config)
     load_run_config(config, base)
     params = []
     for section, keys in table.items():
@@ -437,7 +440,11 @@ class Sweep:
         return self.out / "stages"
 
     def base_text(self) -> str:
-        return self.config.read_text(encoding="utf-8")
+        """The run config's text; an ``extends`` file made absolute, for trials elsewhere."""
+        doc = tomlkit.parse(self.config.read_text(encoding="utf-8"))
+        if doc.get("extends", "demo") != "demo":
+            doc["extends"] = str((self.config.parent / doc["extends"]).resolve())
+        return tomlkit.dumps(doc)
 
     def threads(self) -> str:
         """Threads per trial: the user's OMP_NUM_THREADS, else a share of the cores."""
@@ -507,7 +514,7 @@ def _create_study(sweep: Sweep) -> optuna.Study:
 
 def run_config_params(sweep: Sweep) -> dict[str, Any] | None:
     """The run config's own values of the searched settings, if all lie in the space."""
-    table = read_toml(sweep.config)
+    table = read_run_toml(sweep.config)
     params = {p.name: current_value(table, p.section, p.key) for p in sweep.space.params}
     inside = all(p.contains(params[p.name]) for p in sweep.space.params)
     return params if inside else None
