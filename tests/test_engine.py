@@ -20,7 +20,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from chatrl import engine as engine_module
 from chatrl.chat_format import END_OF_TURN
-from chatrl.engine import Engine, SamplingParams
+from chatrl.engine import Engine, SamplingParams, Sequence
 from chatrl.errors import UserError
 from chatrl.models import load_causal_lm
 
@@ -274,6 +274,46 @@ def test_stream_yields_the_generated_text_and_stops_when_closed(llama):
     stream.close()
     assert model.training  # ...and closing the stream restores the mode
     model.eval()
+
+
+def streamed(engine: Engine, token_ids: list[int], stop: list[str]) -> tuple[str, str]:
+    """The text a stream of ``token_ids`` sends, delta by delta, and the response's text."""
+    sequence, sent = Sequence(engine, SamplingParams(max_new_tokens=len(token_ids), stop=stop)), ""
+    for token in token_ids:
+        sequence.add(token, 0.0, 0.0)
+        sent += sequence.new_text(sent)  # a half character sent early would stay in ``sent``
+        if sequence.finished:
+            break
+    return sent, sequence.completion(0).text
+
+
+def test_streamed_text_is_the_full_decode_across_split_characters_and_stop_strings(
+    llama, monkeypatch
+):
+    model, tokenizer = llama
+    engine = Engine(model, tokenizer)
+    text = "naïve 日本 cat 🎉 sat . end"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    # Byte-level BPE: some characters take several tokens, so some prefixes end mid-character.
+    assert any(engine.decode(ids[:i]).endswith("\ufffd") for i in range(len(ids)))
+    assert engine.decode_stream() is not None  # decoded token by token
+    cases = [
+        ([], text),
+        (["t 🎉 s"], "naïve 日本 ca"),
+        (["本 c", "nothing"], "naïve 日"),
+        (["ï"], "na"),
+    ]
+    for stop, expected in cases:
+        assert streamed(engine, ids, stop) == (expected, expected)
+    vocab = [i for i in range(len(tokenizer)) if i not in tokenizer.all_special_ids]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):  # random tokens: invalid bytes, broken characters, odd spaces
+        tokens = [vocab[i] for i in torch.randint(len(vocab), (40,), generator=generator)]
+        sent, whole = streamed(engine, tokens, [])
+        assert sent == whole == engine.decode(tokens)
+    monkeypatch.setattr(engine, "decode_stream", lambda: None)  # a slow tokenizer: decoded whole
+    for stop, expected in cases:
+        assert streamed(engine, ids, stop) == (expected, expected)
 
 
 def test_batches_compact_and_chunk_without_changing_greedy_results(llama):

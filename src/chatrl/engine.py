@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tokenizers.decoders import DecodeStream
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -320,6 +321,8 @@ class Sequence:
         self.model_logprobs: list[float] = []
         self.finish_reason: str | None = None
         self.cut_text: str | None = None  # the text before a stop string, once one appeared
+        self._decoder = engine.decode_stream()
+        self._decoded, self._fed = "", 0  # the text of the first ``_fed`` tokens
 
     @property
     def finished(self) -> bool:
@@ -335,8 +338,21 @@ class Sequence:
         elif len(self.token_ids) == self.params.max_new_tokens:
             self.finish_reason = "length"
 
+    def decoded(self) -> str:
+        """The text of the tokens so far up to its last complete character, decoding only the
+        tokens added since the last call: a streamed token costs the same however long the
+        response is (a full decode every step would cost its length)."""
+        if self._decoder is None:
+            return self.engine.decode(self.token_ids).rstrip("\ufffd")
+        backend = self.engine.tokenizer.backend_tokenizer
+        for token in self.token_ids[self._fed :]:
+            if piece := self._decoder.step(backend, token):
+                self._decoded += piece
+        self._fed = len(self.token_ids)
+        return self._decoded
+
     def _cut_at_stop_string(self) -> bool:
-        text = self.engine.decode(self.token_ids)
+        text = self.decoded()
         hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
         if hits:
             self.cut_text = text[: min(hits)]
@@ -353,7 +369,7 @@ class Sequence:
         """What the response adds to ``sent`` (the text streamed so far) that is settled: text
         that could still become a stop string, or an incomplete UTF-8 character, is held back
         until the response has finished."""
-        text = self.text() if self.finished else _settled(self.text(), self.params.stop)
+        text = self.text() if self.finished else _settled(self.decoded(), self.params.stop)
         if len(text) > len(sent) and text.startswith(sent):
             return text[len(sent) :]
         return ""
@@ -573,6 +589,13 @@ class Engine:
         """Token ids as text, special tokens left out."""
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def decode_stream(self) -> DecodeStream | None:
+        """An incremental decoder (tokenizers' ``DecodeStream``) whose text equals ``decode``'s;
+        None for a tokenizer without a ``tokenizers`` backend (a slow one)."""
+        if not hasattr(self.tokenizer, "backend_tokenizer"):
+            return None
+        return DecodeStream(skip_special_tokens=True)
+
     def generator(self, seed: int | None) -> torch.Generator | None:
         """A random number generator on the model's device seeded with ``seed`` (None: None,
         torch's global one)."""
@@ -642,9 +665,8 @@ class Engine:
 
 
 def _settled(text: str, stop: list[str]) -> str:
-    """The part of ``text`` that no later token can change: no trailing partial character and
-    no tail that could be the start of a stop string."""
-    text = text.rstrip("\ufffd")
+    """The part of ``text`` (complete characters) that no later token can change: no tail that
+    could be the start of a stop string."""
     held = 0
     for s in stop:
         for size in range(min(len(s) - 1, len(text)), held, -1):
