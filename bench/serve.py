@@ -7,11 +7,13 @@ Each client asks for up to 64 tokens at temperature 1 (a random model rarely sto
 tokens are counted from ``usage``). Reports generated tokens/s over the wall time of each
 phase, the median (p50) and 95th percentile (p95) time to first token of the 32 clients
 (streamed: the first content chunk; not streamed: the whole answer), and the worst
-``GET /health`` latency while 32 streams run (the event loop must stay responsive). The
-machine may be shared: compare phases, not runs. The server's weights are bf16 where the
-hardware runs bf16 natively, fp32 elsewhere (--precision forces one).
+``GET /health`` latency while 32 streams run (the event loop must stay responsive), and the
+ratio of streamed to non-streamed tokens/s. ``--repeat N`` runs the two 32-client phases N
+times, one after the other, and reports the medians. The machine may be shared: compare phases,
+not runs. The server's weights are bf16 where the hardware runs bf16 natively, fp32 elsewhere
+(--precision forces one).
 
-    python bench/serve.py [--threads N] [--model PATH] [--precision auto|fp32|bf16]
+    python bench/serve.py [--threads N] [--repeat N] [--model PATH] [--precision auto|fp32|bf16]
 """
 
 from __future__ import annotations
@@ -78,36 +80,47 @@ async def health_latency(client: httpx.AsyncClient, stop: asyncio.Event) -> floa
     return worst
 
 
-async def measure(url: str) -> dict[str, float]:
+async def streams(client: httpx.AsyncClient) -> dict[str, float]:
+    """32 concurrent streams, with ``GET /health`` probed meanwhile."""
+    stop = asyncio.Event()
+    probe = asyncio.create_task(health_latency(client, stop))
+    start = time.perf_counter()
+    results = await asyncio.gather(*(stream_one(client) for _ in range(CLIENTS)))
+    wall = time.perf_counter() - start
+    stop.set()
+    return {
+        "streams_32_tokens_per_s": sum(t for _, t in results) / wall,
+        "streams_32_wall_s": wall,
+        **percentiles("streams_32_first_token", [f for f, _ in results]),
+        "health_worst_latency_s": await probe,
+    }
+
+
+async def batched(client: httpx.AsyncClient) -> dict[str, float]:
+    """32 concurrent requests that are not streamed."""
+    start = time.perf_counter()
+    results = await asyncio.gather(*(complete_one(client) for _ in range(CLIENTS)))
+    wall = time.perf_counter() - start
+    return {
+        "batched_32_tokens_per_s": sum(t for _, t in results) / wall,
+        "batched_32_wall_s": wall,
+        **percentiles("batched_32_answer", [s for s, _ in results]),
+    }
+
+
+async def measure(url: str, repeat: int) -> dict[str, float]:
+    """Every figure is the median over ``repeat`` rounds of the two 32-client phases, run one
+    after the other, so that a burst of other work on the machine hits both alike."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         await stream_one(client)  # warm-up
         start = time.perf_counter()
         first, tokens = await stream_one(client)
         one = {"one_stream_tokens_per_s": tokens / (time.perf_counter() - start)}
         one["one_stream_first_token_s"] = first
-
-        stop = asyncio.Event()
-        probe = asyncio.create_task(health_latency(client, stop))
-        start = time.perf_counter()
-        streams = await asyncio.gather(*(stream_one(client) for _ in range(CLIENTS)))
-        wall = time.perf_counter() - start
-        stop.set()
-        many = {
-            "streams_32_tokens_per_s": sum(t for _, t in streams) / wall,
-            "streams_32_wall_s": wall,
-            **percentiles("streams_32_first_token", [f for f, _ in streams]),
-            "health_worst_latency_s": await probe,
-        }
-
-        start = time.perf_counter()
-        answers = await asyncio.gather(*(complete_one(client) for _ in range(CLIENTS)))
-        wall = time.perf_counter() - start
-        batched = {
-            "batched_32_tokens_per_s": sum(t for _, t in answers) / wall,
-            "batched_32_wall_s": wall,
-            **percentiles("batched_32_answer", [s for s, _ in answers]),
-        }
-    return {**one, **many, **batched}
+        rounds = [{**await streams(client), **await batched(client)} for _ in range(repeat)]
+    for r in rounds:
+        r["streams_over_batched"] = r["streams_32_tokens_per_s"] / r["batched_32_tokens_per_s"]
+    return {**one, **{name: statistics.median(r[name] for r in rounds) for name in rounds[0]}}
 
 
 def main() -> None:
@@ -117,6 +130,12 @@ def main() -> None:
         "--model",
         default=None,
         help="a model directory or .gguf file to serve instead of the bench model",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of the two 32-client phases; figures are their medians",
     )
     common.add_precision(parser)
     args = parser.parse_args()
@@ -138,13 +157,14 @@ def main() -> None:
         try:
             url = f"http://127.0.0.1:{port}"
             wait_until_up(url, server, log, timeout=600)  # a .gguf file converts first
-            figures = asyncio.run(measure(url))
+            figures = asyncio.run(measure(url, args.repeat))
         finally:
             server.terminate()
             server.wait()
     for name, value in figures.items():
         print(f"{name:36s} {value:10.3f}")
     result = {"bench": "serve", "model": args.model or "bench", "threads": args.threads}
+    result["repeat"] = args.repeat
     common.print_result({**result, **figures}, precision)
 
 
