@@ -175,7 +175,7 @@ def method_summary(
             "kl_vs_sft": row["kl_vs_sft"],
             "gap_closed": gap_closed(policies, method),
             "seconds": seconds.get(method),
-            "tokens": sum(tokens) if tokens else None,
+            "tokens": int(sum(tokens)) if tokens else None,
         }
     return summary
 

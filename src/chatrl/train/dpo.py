@@ -140,7 +140,7 @@ def train_dpo(cfg: DPOConfig) -> Path:
                     grad_norm=float(grad_norm),
                     learning_rate=scheduler.get_last_lr()[0],
                     pairs_per_s=pairs_per_s,
-                    tokens=process_sum(accelerator, tokens)[0],  # since the last record
+                    tokens=int(process_sum(accelerator, tokens)[0]),  # since the last record
                 )
                 tokens = 0
             if eval_groups and cfg.eval_steps and done % cfg.eval_steps == 0:
