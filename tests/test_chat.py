@@ -39,6 +39,10 @@ class ChatProcess:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
+                # Ctrl-C as at a terminal: a suite started in the background (`cmd &`) ignores
+                # SIGINT, the child would inherit that, and Python then never raises
+                # KeyboardInterrupt.
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             )
         self.output, self.read_to = "", 0
         self.lock = threading.Lock()
