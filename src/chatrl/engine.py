@@ -528,9 +528,7 @@ class Engine:
         self.static_weights = static_weights
         self.max_batch_size = max_batch_size
         self.compile = compile
-        self.stop_token_ids: list[int] = stop_token_ids(
-            tokenizer, getattr(model, "generation_config", None)
-        )
+        self.stop_token_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         pad = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
@@ -582,8 +580,13 @@ class Engine:
         return next(self.model.parameters()).dtype
 
     @property
-    def stop_token_set(self) -> set[int]:
-        return set(self.stop_token_ids)
+    def stop_token_ids(self) -> list[int]:
+        return self._stop_token_ids
+
+    @stop_token_ids.setter
+    def stop_token_ids(self, ids: list[int]) -> None:
+        # The set is built here, once, not per token per row: decoding checks it every step.
+        self._stop_token_ids, self.stop_token_set = list(ids), set(ids)
 
     def decode(self, token_ids: list[int]) -> str:
         """Token ids as text, special tokens left out."""
