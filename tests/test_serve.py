@@ -16,12 +16,14 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from servers import SERVE_KEY, SERVE_LIMITS
 
 from chatrl.batching import ContinuousBatcher
 from chatrl.chat_format import encode_prompt
-from chatrl.engine import SamplingParams
+from chatrl.engine import Completion, SamplingParams
 from chatrl.errors import UserError
+from chatrl.serve.app import _events, _Mailbox
 from chatrl.serve.worker import Busy, GenerationWorker, Job
 
 pytestmark = pytest.mark.slow
@@ -375,3 +377,35 @@ def test_the_worker_refuses_what_exceeds_its_limits(engine):
         worker.submit(job(1, n=5))
     worker.submit(job(1))
     assert worker.generations == 3
+
+
+def test_a_stream_that_falls_behind_gets_each_samples_new_text_in_one_chunk(engine):
+    """Tokens that arrived while the loop was busy go out as one event per sample, in order,
+    and each finish after its sample's text; items sent from another thread all arrive."""
+
+    async def events() -> list[dict]:
+        mailbox, queue = _Mailbox(), asyncio.Queue()
+        send = mailbox.sender(queue)
+        params = SamplingParams(max_new_tokens=8, n=2)
+        job = Job([1], params, stream=True, send=send)
+        worker = GenerationWorker(ContinuousBatcher(engine, max_batch_size=4), 4, 1000)
+        none = torch.zeros(1)
+        done = [Completion(0, [5], "a b c", none, none, "stop")]
+        done.append(Completion(0, [6], "x", none, none, "length"))
+        items = [(0, "a"), (1, "x"), (0, " b"), (0, " c"), (0, done[0]), (1, done[1])]
+        await asyncio.to_thread(lambda: [send(item) for item in items])
+        await asyncio.sleep(0)
+        lines = [e async for e in _events(queue, job, worker, {"id": "1"}, 1, False)]
+        text = "".join(lines)
+        return [json.loads(d) for d in text.split("data: ")[1:] if d.strip() != "[DONE]"]
+
+    chunks = [(c["choices"][0]["index"], c["choices"][0]) for c in asyncio.run(events())]
+    deltas = [(i, c["delta"].get("content"), c["finish_reason"]) for i, c in chunks]
+    assert deltas == [
+        (0, "", None),
+        (1, "", None),
+        (0, "a b c", None),
+        (0, None, "stop"),
+        (1, "x", None),
+        (1, None, "length"),
+    ]

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -238,15 +239,34 @@ def sampling_params(
     )
 
 
-def _sender(queue: asyncio.Queue) -> Callable[[object], None]:
-    """A function the worker thread can call to put an item on ``queue``."""
-    loop = asyncio.get_running_loop()
+class _Mailbox:
+    """Hands the worker thread's items to the event loop's request queues. Every decode step
+    sends one item per open stream; they go over in one wake-up of the loop (a
+    ``call_soon_threadsafe`` each would wake it once per token of every stream)."""
 
-    def send(item: object) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.lock = threading.Lock()
+        self.items: list[tuple[asyncio.Queue, object]] = []
 
-    return send
+    def sender(self, queue: asyncio.Queue) -> Callable[[object], None]:
+        """A function the worker thread can call to put an item on ``queue``."""
+
+        def send(item: object) -> None:
+            with self.lock:
+                self.items.append((queue, item))
+                if len(self.items) > 1:  # a delivery is already on its way
+                    return
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the server stops
+                self.loop.call_soon_threadsafe(self._deliver)
+
+        return send
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 class _ClientGone(Exception):
@@ -336,7 +356,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     started = int(time.time())
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.mailbox = _Mailbox()  # on the serving loop
         worker.start()
         yield
         worker.stop()
@@ -410,7 +431,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": reply_id, "created": created, "model": settings.model_name}
         queue: asyncio.Queue = asyncio.Queue()
-        job = Job(prompt, params, stream=bool(chat.stream), send=_sender(queue))
+        send = request.app.state.mailbox.sender(queue)
+        job = Job(prompt, params, stream=bool(chat.stream), send=send)
         _submit(worker, job)
         if chat.stream:
             include_usage = chat.stream_options is not None and chat.stream_options.include_usage
@@ -482,21 +504,26 @@ async def _events(
             yield chunk(i, {"role": "assistant", "content": ""})
         completions: list[Completion] = []
         while len(completions) < job.params.n:
-            # What has arrived goes out in one write: fewer sends when the loop falls behind.
-            events, item = [], await _next(queue, worker)
-            while True:
+            # What has arrived goes out in one write, each sample's new text in one chunk:
+            # fewer sends and events, for server and client, when the loop falls behind.
+            items = [await _next(queue, worker)]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            events, texts = [], {}  # texts: sample index -> text not yet in an event
+            for item in items:
                 if isinstance(item, BaseException):
+                    events += [chunk(i, {"content": text}) for i, text in texts.items()]
                     yield "".join(events) + _sse(_failure(item).body())
                     return
                 index, value = item
                 if isinstance(value, str):
-                    events.append(chunk(index, {"content": value}))
-                else:
-                    completions.append(value)
-                    events.append(chunk(index, {}, value.finish_reason))
-                if queue.empty():
-                    break
-                item = queue.get_nowait()
+                    texts[index] = texts.get(index, "") + value
+                    continue
+                if index in texts:
+                    events.append(chunk(index, {"content": texts.pop(index)}))
+                completions.append(value)
+                events.append(chunk(index, {}, value.finish_reason))
+            events += [chunk(i, {"content": text}) for i, text in texts.items()]
             yield "".join(events)
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completions)})
