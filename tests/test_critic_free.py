@@ -20,7 +20,7 @@ def hand_made_rollout(**tensors) -> Rollout:
     """A rollout of len(scores) responses with only the tensors an equation reads."""
     n = len(tensors["scores"])
     fields = dict(
-        completions=[None] * n, input_ids=None, index=None, tokens=None, terms={},
+        completions=[None] * n, input_ids=None, prompt_lengths=None, tokens=None, terms={},
         stopped=torch.ones(n, dtype=torch.bool),
     )  # fmt: skip
     return Rollout(**(fields | tensors))
@@ -181,7 +181,7 @@ def test_method_raises_a_synthetic_reward_with_bounded_kl(
     cfg = cls(
         **sft_and_prompts, reward_fn="reward_fns:says_is", out=str(tmp_path / "out"),
         rollout_batch_size=32, num_generations=4, response_length=12, learning_rate=1e-3,
-        max_steps=16, missing_eos_penalty=0.0, **extra,
+        max_steps=20, missing_eos_penalty=0.0, **extra,
     )  # fmt: skip
     check_reward_rises(train(cfg))
     config = json.loads((tmp_path / "out" / "train_config.json").read_text())

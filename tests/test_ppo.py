@@ -191,6 +191,24 @@ def test_kl_penalty_is_zero_when_the_policy_is_the_reference(setup, tmp_path):
     assert abs(metrics["kl"]) < 1e-3 and abs(metrics["kl_k3"]) < 1e-6
 
 
+def test_responses_to_one_prompt_share_a_row_and_keep_their_own_log_probs(setup, tmp_path):
+    """The packed forward (each prompt once, its responses after it) gives every response
+    the log-probs a forward of it alone gives."""
+    cfg = ppo_config(setup, tmp_path)
+    models, _ = build_models(setup, cfg)
+    prompts = load_prompts(setup["prompts"])[:3]
+    s = sample_responses(models, cfg, prompts, 4, 5, NoAccelerate(), rollout.Stopwatch())
+    assert s.packed()["input_ids"].shape[0] == 3  # one row per prompt
+    with torch.no_grad():
+        packed = rollout.policy_logprobs(models.reference, s)
+        for b, completion in enumerate(s.completions):
+            start, length = int(s.prompt_lengths[b]), len(completion.token_ids)
+            alone = s.input_ids[b, : start + length]
+            logits = models.reference(input_ids=alone[None]).logits[0, start - 1 : -1]
+            expected = token_logprobs(logits.float(), alone[start:])
+            assert (packed[b, :length] - expected).abs().max() < 1e-5
+
+
 def test_ratio_is_one_on_the_first_mini_batch(setup, tmp_path):
     """The engine's log-probs (KV-cached decoding) equal the training forward's."""
     cfg = ppo_config(setup, tmp_path, samples_per_prompt=2)
@@ -201,7 +219,7 @@ def test_ratio_is_one_on_the_first_mini_batch(setup, tmp_path):
         models, actor_critic, cfg, prompts, 0.05, 3, NoAccelerate(), clock
     )
     first = collected.rows(torch.randperm(8)[:4])
-    logits, values = actor_critic(first.input_ids, first.index)
+    logits, values = actor_critic(**first.packed())
     log_ratio = (token_logprobs(logits, first.tokens) - first.logprobs) * first.mask
     assert log_ratio.abs().max() < 1e-5
     # ... and the critic's values are those the advantages were computed with.
@@ -273,7 +291,7 @@ def test_reference_with_lora_is_the_policy_with_adapters_off(setup, tmp_path):
     prompts = load_prompts(setup["prompts"])[:4]
     s = sample_responses(models, cfg, prompts, 1, 1, NoAccelerate(), rollout.Stopwatch())
     sft, _ = load_causal_lm(setup["policy"])
-    expected = rollout.policy_logprobs(sft, s.input_ids, s.index, s.tokens)
+    expected = rollout.policy_logprobs(sft, s)
     got = reference_logprobs(models, s)
     assert ((got - expected) * s.mask).abs().max() < 1e-5
     assert ((s.logprobs - expected) * s.mask).abs().max() > 1e-2

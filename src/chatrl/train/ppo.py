@@ -131,7 +131,7 @@ def collect_rollout(
     rollout = PPORollout(**vars(sampled))
     metrics = response_metrics(rollout)
     with torch.no_grad(), accelerator.autocast():
-        values = actor_critic.values(rollout.input_ids, rollout.index).float()
+        values = actor_critic.values(**rollout.packed()).float()
 
     # 2. Rewards: the score (less missing_eos_penalty for responses that never stop) on the
     # last token, the KL penalty on every token.
@@ -292,8 +292,9 @@ def ppo_update(
         if ptx_rows:
             mb_seed = ptx_seed(update_seed(seed), epoch, m, cfg.num_mini_batches)
             ptx = ptx_batch(ptx_rows, cfg.ptx_batch_size, mb_seed, pad_id, mb.tokens.device)
-        with train_autocast(accelerator, mb.input_ids):
-            logits, values = actor_critic(mb.input_ids, mb.index)
+        inputs = mb.packed()
+        with train_autocast(accelerator, inputs["input_ids"]):
+            logits, values = actor_critic(**inputs)
             lm_loss = ptx_loss(policy, *ptx) if ptx else None
         # Eq. 2's first term, by the clipped surrogate on the rollout's advantages; the
         # critic's loss beside it; and the second term, PPO-ptx's language-model loss.
@@ -386,19 +387,20 @@ class ActorCritic(nn.Module):
         self.critic = critic
         self.value_head = nn.Linear(policy.config.hidden_size, 1) if critic is None else None
 
-    def values(self, input_ids, index) -> torch.Tensor:
-        """V(s_t) for every response token t: the state is the prompt and the tokens before t."""
+    def values(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """V(s_t) for every response token t of ``Rollout.packed`` inputs: the state is the
+        prompt and the tokens before t."""
         if self.critic is None:
-            return self.value_head(response_states(self.policy, input_ids, index)).squeeze(-1)
-        return self.critic.score(response_states(self.critic, input_ids, index)).squeeze(-1)
+            return self.value_head(response_states(self.policy, **inputs)).squeeze(-1)
+        return self.critic.score(response_states(self.critic, **inputs)).squeeze(-1)
 
-    def forward(self, input_ids, index) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy logits and values at the response positions."""
-        states = response_states(self.policy, input_ids, index)
+        states = response_states(self.policy, **inputs)
         logits = self.policy.get_output_embeddings()(states).float()
         if self.critic is None:  # the head reads the policy's states: one forward serves both
             return logits, self.value_head(states).squeeze(-1).float()
-        return logits, self.values(input_ids, index).float()
+        return logits, self.values(**inputs).float()
 
 
 def masked_variance(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,12 @@ logging, held-out evaluation, checkpoints — is the same for all of them, and l
 methods share ``train_group_method``, so ``train/rloo.py`` and ``train/grpo.py`` hold only
 their equations: the advantages and the loss.
 
-Sequences are laid out as prompt + response, contiguous from position 0 and right-padded, with
-no attention mask (attention is causal, so real tokens never see the padding after them); the
-output head runs only at the positions that predict response tokens.
+A rollout keeps each sequence as prompt + response, one right-padded row per response. The
+forwards of the policy, the reference and the critic read them packed (``Rollout.packed``):
+the responses to one prompt share a row, the prompt computed once for all of them, each
+response seeing the prompt and itself only (``reward_model.pack_groups``, as the reward
+model and DPO read rankings). A prompt with k responses costs its tokens once, not k times.
+The output head runs only at the positions that predict response tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from chatrl.errors import UserError
 from chatrl.evaluate import completion_texts, kl_per_response
 from chatrl.models import disable_dropout, load_causal_lm, save_model
 from chatrl.reward_fn import Reward
+from chatrl.reward_model import pack_groups
 from chatrl.train.loop import (
     Run,
     add_lora,
@@ -164,8 +168,9 @@ def train_group_method(
     def update(rollout, seed, metrics):
         stats: dict[str, list[float]] = {}
         for _, _, mb in mini_batches(rollout, cfg.num_iterations, cfg.num_mini_batches, seed):
-            with train_autocast(accelerator, mb.input_ids):
-                logits = model(mb.input_ids, mb.index)
+            inputs = mb.packed()
+            with train_autocast(accelerator, inputs["input_ids"]):
+                logits = model(**inputs)
             mb_loss, mb_stats = loss(token_logprobs(logits, mb.tokens), mb, cfg, accelerator)
             accelerator.backward(mb_loss)
             # The replica check (CHATRL_CHECK_REPLICAS) counts optimiser steps here.
@@ -234,15 +239,15 @@ class Rollout:
     """A batch of sampled responses, scored, and what an update needs of them.
 
     ``sample_responses`` sets the fields up to ``ref_logprobs``; the method's ``collect`` the
-    rest. ``input_ids`` [B, W]: prompt + response, right-padded; ``scores``, ``stopped`` [B];
-    ``advantages`` [B] (one per response) or [B, R]; every other tensor is per response token
-    [B, R]: column t is response token t, predicted by the output at ``index[b, t]``. ``mask``
-    is 1 on the response's tokens; once collected, on those the update trains on.
+    rest. ``input_ids`` [B, W]: prompt + response, right-padded; ``prompt_lengths``,
+    ``scores``, ``stopped`` [B]; ``advantages`` [B] (one per response) or [B, R]; every other
+    tensor is per response token [B, R]: column t is response token t. ``mask`` is 1 on the
+    response's tokens; once collected, on those the update trains on.
     """
 
     completions: list[Completion]
     input_ids: torch.Tensor
-    index: torch.Tensor
+    prompt_lengths: torch.Tensor
     tokens: torch.Tensor
     mask: torch.Tensor
     logprobs: torch.Tensor  # log π_old(y_t), from the engine's sampling pass
@@ -263,6 +268,31 @@ class Rollout:
             return value if value is None else value[selection]
 
         return type(self)(**{f.name: pick(getattr(self, f.name)) for f in fields(self)})
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        """Model inputs for these responses (``response_states``' keyword arguments): those
+        to one prompt share a row (``reward_model.pack_groups``), and ``index`` [B, R] is the
+        flat place (row × width + position) of the output that predicts response token t of
+        response b."""
+        groups: dict[int, list[int]] = {}  # prompt -> its responses' rows, in order
+        for b, completion in enumerate(self.completions):
+            groups.setdefault(completion.prompt_index, []).append(b)
+        rows, prompt_lengths = self.input_ids.tolist(), self.prompt_lengths.tolist()
+        lengths = [len(c.token_ids) for c in self.completions]
+        rows = [row[: prompt_lengths[b] + lengths[b]] for b, row in enumerate(rows)]
+        sequences = [[rows[b] for b in g] for g in groups.values()]
+        starts = [[prompt_lengths[b] for b in g] for g in groups.values()]
+        # Padding is never attended to (pack_groups' docstring), so any id pads.
+        batch = pack_groups(sequences, 0, True, starts)
+        flat = batch.pop("logprob_index").tolist()
+        index = torch.zeros(self.tokens.shape, dtype=torch.long)
+        offset = 0
+        for b in (b for g in groups.values() for b in g):  # pack_groups' order
+            index[b, : lengths[b]] = torch.tensor(flat[offset : offset + lengths[b]])
+            offset += lengths[b]
+        inputs = {"input_ids": batch["input_ids"], "index": index}
+        inputs |= {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+        return {name: t.to(self.tokens.device) for name, t in inputs.items()}
 
 
 @dataclass
@@ -314,15 +344,13 @@ def rollout_from_completions(completions, prompt_ids, scored, stopped, pad_id, a
     input_ids = pad_rows(rows, pad_id)
     tokens = pad_rows([c.token_ids for c in completions], pad_id)
     lengths = torch.tensor([len(c.token_ids) for c in completions])
-    starts = torch.tensor([len(prompt_ids[c.prompt_index]) for c in completions])
-    steps = torch.arange(tokens.size(1))
-    mask = (steps < lengths[:, None]).float()
-    index = (starts[:, None] - 1 + steps).clamp(max=input_ids.size(1) - 1)
+    prompt_lengths = torch.tensor([len(prompt_ids[c.prompt_index]) for c in completions])
+    mask = (torch.arange(tokens.size(1)) < lengths[:, None]).float()
     logprobs = torch.zeros(tokens.shape)
     for b, c in enumerate(completions):
         logprobs[b, : len(c.token_ids)] = c.model_logprobs
     scores, terms = scored
-    tensors = (input_ids, index, tokens, mask, logprobs, scores, torch.tensor(stopped))
+    tensors = (input_ids, prompt_lengths, tokens, mask, logprobs, scores, torch.tensor(stopped))
     device = accelerator.device
     terms = {name: t.to(device) for name, t in terms.items()}
     return Rollout(completions, *(t.to(device) for t in tensors), terms)
@@ -415,42 +443,50 @@ class PolicyLogits(nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, input_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        states = response_states(self.policy, input_ids, index)
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Logits [B, R, vocab] of ``Rollout.packed`` inputs."""
+        states = response_states(self.policy, **inputs)
         return self.policy.get_output_embeddings()(states).float()
 
 
-def response_states(model: nn.Module, input_ids: torch.Tensor, index: torch.Tensor):
-    """The decoder's hidden states at the positions that predict each response token.
-
-    ``index[b, t]`` is the position whose output predicts response token t of row b; rows are
-    unmasked (the module docstring says why), so SDPA keeps its fast path.
-    """
-    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-    return hidden.gather(1, index[..., None].expand(-1, -1, hidden.size(-1)))
+def response_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    index: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The decoder's hidden states [B, R, hidden] at the outputs that predict each response
+    token, from ``Rollout.packed`` inputs (``index``: their flat places)."""
+    hidden = model.get_decoder()(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    ).last_hidden_state
+    return hidden.flatten(0, 1)[index]
 
 
 @torch.no_grad()
 def sequence_tokens(rollout: Rollout) -> int:
-    """The rollout's tokens, prompts and responses: this process's (``index[:, 0]`` is where
-    the prompt's last token sits)."""
-    prompts = int(rollout.index[:, 0].sum()) + len(rollout.completions)
+    """The rollout's tokens, prompts and responses, as if each were its own sequence: this
+    process's."""
+    prompts = int(rollout.prompt_lengths.sum())
     return prompts + sum(len(c.token_ids) for c in rollout.completions)
 
 
-def policy_logprobs(model, input_ids, index, tokens) -> torch.Tensor:
-    """log π(y_t) of every response token under a causal LM (the reference model)."""
-    states = response_states(model, input_ids, index)
-    return token_logprobs(model.get_output_embeddings()(states).float(), tokens)
+def policy_logprobs(model: nn.Module, rollout: Rollout) -> torch.Tensor:
+    """log π(y_t) of every response token of ``rollout`` under a causal LM."""
+    states = response_states(model, **rollout.packed())
+    return token_logprobs(model.get_output_embeddings()(states).float(), rollout.tokens)
 
 
 def reference_logprobs(models: Models, rollout: Rollout) -> torch.Tensor:
     """log π_SFT(y_t): the frozen SFT model, or with LoRA the policy with adapters off."""
-    sequences = rollout.input_ids, rollout.index, rollout.tokens
     if models.reference is not None:
-        return policy_logprobs(models.reference, *sequences)
+        return policy_logprobs(models.reference, rollout)
     with models.policy.disable_adapter():
-        return policy_logprobs(models.policy, *sequences)
+        return policy_logprobs(models.policy, rollout)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
