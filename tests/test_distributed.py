@@ -6,6 +6,7 @@ differ after an update; and each must end where a one-process run with the same 
 """
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -17,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import DistributedType
-from conftest import write_sft
+from conftest import write_prompts, write_sft
 from safetensors.torch import load_file
 
 from chatrl.config import DPOConfig, LMConfig, PPOConfig, RMConfig
@@ -279,3 +280,34 @@ def test_ppo_on_two_processes_ends_where_one_process_does(micro_model, tmp_path)
     assert_two_processes_match(
         "ppo", settings, tmp_path / "one", tmp_path / "two", [1, 2], keys, tol=1e-4, rel=1e-4
     )
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", ["rloo", "grpo"])
+def test_critic_free_method_trains_on_two_processes_in_step(micro_model, tmp_path, method):
+    """Each process samples its own prompts' groups; the replica check stops the run should
+    the processes' weights ever differ. (Unlike PPO's, this run cannot be compared with one
+    process: near-greedy sampling would make every group's responses equal and so every
+    advantage zero, and at temperature 1 each process draws its own samples.)"""
+    settings = dict(
+        policy=str(micro_model),
+        reward_fn="reward_fns:shortest",
+        prompts=str(write_prompts(tmp_path / "prompts.jsonl", 16)),
+        rollout_batch_size=16,
+        num_generations=4,
+        num_mini_batches=2,
+        response_length=8,
+        max_steps=2,
+        learning_rate=1e-3,
+        bf16=False,
+    )
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    run = torchrun(
+        "-m", "chatrl", method, *cli_args(settings), "--out", tmp_path / "two",
+        extra_env={"PYTHONPATH": path},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert max_difference(Path(micro_model), tmp_path / "two") > 0  # it trained
+    log = metrics(tmp_path / "two")
+    assert [r["step"] for r in log] == [1, 2]
+    assert all(r["grad_norm"] > 0 and math.isfinite(r["loss"]) for r in log)
