@@ -379,33 +379,41 @@ def test_the_worker_refuses_what_exceeds_its_limits(engine):
     assert worker.generations == 3
 
 
-def test_a_stream_that_falls_behind_gets_each_samples_new_text_in_one_chunk(engine):
-    """Tokens that arrived while the loop was busy go out as one event per sample, in order,
-    and each finish after its sample's text; items sent from another thread all arrive."""
+def stream_writes(engine, items: list[object]) -> list[list]:
+    """The writes ``_events`` makes of a 2-sample job once the worker thread has sent its
+    ``items``: each write as its (sample, content, finish) chunks."""
 
-    async def events() -> list[dict]:
-        mailbox, queue = _Mailbox(), asyncio.Queue()
-        send = mailbox.sender(queue)
-        params = SamplingParams(max_new_tokens=8, n=2)
-        job = Job([1], params, stream=True, send=send)
+    async def writes() -> list[str]:
+        queue = asyncio.Queue()
+        send = _Mailbox().sender(queue)
+        job = Job([1], SamplingParams(max_new_tokens=8, n=2), stream=True, send=send)
         worker = GenerationWorker(ContinuousBatcher(engine, max_batch_size=4), 4, 1000)
-        none = torch.zeros(1)
-        done = [Completion(0, [5], "a b c", none, none, "stop")]
-        done.append(Completion(0, [6], "x", none, none, "length"))
-        items = [(0, "a"), (1, "x"), (0, " b"), (0, " c"), (0, done[0]), (1, done[1])]
-        await asyncio.to_thread(lambda: [send(item) for item in items])
-        await asyncio.sleep(0)
-        lines = [e async for e in _events(queue, job, worker, {"id": "1"}, 1, False)]
-        text = "".join(lines)
-        return [json.loads(d) for d in text.split("data: ")[1:] if d.strip() != "[DONE]"]
 
-    chunks = [(c["choices"][0]["index"], c["choices"][0]) for c in asyncio.run(events())]
-    deltas = [(i, c["delta"].get("content"), c["finish_reason"]) for i, c in chunks]
-    assert deltas == [
-        (0, "", None),
-        (1, "", None),
-        (0, "a b c", None),
-        (0, None, "stop"),
-        (1, "x", None),
-        (1, None, "length"),
+        await asyncio.to_thread(lambda: [send(item) for item in items])
+        await asyncio.sleep(0)  # the deliveries scheduled before the thread's end have run
+        return [w async for w in _events(queue, job, worker, {"id": "1"}, 1, False)]
+
+    def chunks(write: str) -> list:
+        events = [json.loads(e) for e in write.split("data: ")[1:] if e.strip() != "[DONE]"]
+        choices = [e["choices"][0] for e in events]
+        return [(c["index"], c["delta"].get("content"), c["finish_reason"]) for c in choices]
+
+    return [chunks(w) for w in asyncio.run(writes())]
+
+
+def completion(text: str, finish_reason: str) -> Completion:
+    none = torch.zeros(1)
+    return Completion(0, [5], text, none, none, finish_reason)
+
+
+def test_a_stream_that_falls_behind_gets_each_samples_new_text_in_one_chunk(engine):
+    """Tokens that arrived while the loop was busy go out in one write, one chunk per sample,
+    each finish after its sample's text; items sent from another thread all arrive."""
+    done = [completion("a b c", "stop"), completion("x", "length")]
+    items = [(0, "a"), (1, "x"), (0, " b"), (0, " c"), (0, done[0]), (1, done[1])]
+    writes = stream_writes(engine, items)
+    assert writes[2:] == [
+        [(0, "a b c", None), (0, None, "stop"), (1, "x", None), (1, None, "length")],
+        [],  # [DONE]
     ]
+    assert writes[:2] == [[(0, "", None)], [(1, "", None)]]  # the role chunks come first
