@@ -8,7 +8,9 @@ tokens are counted from ``usage``). Reports generated tokens/s over the wall tim
 phase, the median (p50) and 95th percentile (p95) time to first token of the 32 clients
 (streamed: the first content chunk; not streamed: the whole answer), and the worst
 ``GET /health`` latency while 32 streams run (the event loop must stay responsive), and the
-ratio of streamed to non-streamed tokens/s. ``--repeat N`` runs the two 32-client phases N
+ratio of streamed to non-streamed tokens/s, and the CPU seconds the server process and this
+client spent on each phase (both run on this machine: on a small one the client's share is
+taken from the server). ``--repeat N`` runs the two 32-client phases N
 times, one after the other, and reports the medians. The machine may be shared: compare phases,
 not runs. The server's weights are bf16 where the hardware runs bf16 natively, fp32 elsewhere
 (--precision forces one).
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
@@ -80,35 +83,54 @@ async def health_latency(client: httpx.AsyncClient, stop: asyncio.Event) -> floa
     return worst
 
 
-async def streams(client: httpx.AsyncClient) -> dict[str, float]:
+class CPUClock:
+    """CPU seconds of the server process and of this one (the client) since it was made."""
+
+    def __init__(self, server: psutil.Process):
+        self.server = server
+        self.start = self.now()
+
+    def now(self) -> tuple[float, float]:
+        times = self.server.cpu_times()
+        return times.user + times.system, time.process_time()
+
+    def spent(self, phase: str) -> dict[str, float]:
+        (server, client), (server0, client0) = self.now(), self.start
+        server_s, client_s = server - server0, client - client0
+        return {f"{phase}_server_cpu_s": server_s, f"{phase}_client_cpu_s": client_s}
+
+
+async def streams(client: httpx.AsyncClient, server: psutil.Process) -> dict[str, float]:
     """32 concurrent streams, with ``GET /health`` probed meanwhile."""
     stop = asyncio.Event()
     probe = asyncio.create_task(health_latency(client, stop))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), CPUClock(server)
     results = await asyncio.gather(*(stream_one(client) for _ in range(CLIENTS)))
     wall = time.perf_counter() - start
     stop.set()
     return {
         "streams_32_tokens_per_s": sum(t for _, t in results) / wall,
         "streams_32_wall_s": wall,
+        **cpu.spent("streams_32"),
         **percentiles("streams_32_first_token", [f for f, _ in results]),
         "health_worst_latency_s": await probe,
     }
 
 
-async def batched(client: httpx.AsyncClient) -> dict[str, float]:
+async def batched(client: httpx.AsyncClient, server: psutil.Process) -> dict[str, float]:
     """32 concurrent requests that are not streamed."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), CPUClock(server)
     results = await asyncio.gather(*(complete_one(client) for _ in range(CLIENTS)))
     wall = time.perf_counter() - start
     return {
         "batched_32_tokens_per_s": sum(t for _, t in results) / wall,
         "batched_32_wall_s": wall,
+        **cpu.spent("batched_32"),
         **percentiles("batched_32_answer", [s for s, _ in results]),
     }
 
 
-async def measure(url: str, repeat: int) -> dict[str, float]:
+async def measure(url: str, repeat: int, server: psutil.Process) -> dict[str, float]:
     """Every figure is the median over ``repeat`` rounds of the two 32-client phases, run one
     after the other, so that a burst of other work on the machine hits both alike."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
@@ -117,7 +139,10 @@ async def measure(url: str, repeat: int) -> dict[str, float]:
         first, tokens = await stream_one(client)
         one = {"one_stream_tokens_per_s": tokens / (time.perf_counter() - start)}
         one["one_stream_first_token_s"] = first
-        rounds = [{**await streams(client), **await batched(client)} for _ in range(repeat)]
+        rounds = [
+            {**await streams(client, server), **await batched(client, server)}
+            for _ in range(repeat)
+        ]
     for r in rounds:
         r["streams_over_batched"] = r["streams_32_tokens_per_s"] / r["batched_32_tokens_per_s"]
     return {**one, **{name: statistics.median(r[name] for r in rounds) for name in rounds[0]}}
@@ -157,7 +182,7 @@ def main() -> None:
         try:
             url = f"http://127.0.0.1:{port}"
             wait_until_up(url, server, log, timeout=600)  # a .gguf file converts first
-            figures = asyncio.run(measure(url, args.repeat))
+            figures = asyncio.run(measure(url, args.repeat, psutil.Process(server.pid)))
         finally:
             server.terminate()
             server.wait()

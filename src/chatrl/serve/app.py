@@ -285,13 +285,17 @@ async def _next(queue: asyncio.Queue, worker: GenerationWorker, gone: asyncio.Fu
     if not queue.empty():
         return queue.get_nowait()
     while True:
-        getter = asyncio.ensure_future(queue.get())
-        waits = {getter} if gone is None else {getter, gone}
-        await asyncio.wait(waits, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
-        if not getter.cancel():  # it had its item (a cancelled get leaves it in the queue)
-            return getter.result()
-        if gone is not None and gone.done():
-            raise _ClientGone
+        if gone is None:  # a stream, once a token: no task to make (Starlette sees hang-ups)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(POLL_S):
+                    return await queue.get()
+        else:
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait({getter, gone}, timeout=POLL_S, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.cancel():  # it had its item (a cancelled get leaves it in the queue)
+                return getter.result()
+            if gone.done():
+                raise _ClientGone
         if not worker.alive:
             return RuntimeError("the generation thread has stopped")
 
