@@ -15,7 +15,8 @@ times, one after the other, and reports the medians. The machine may be shared: 
 not runs. The server's weights are bf16 where the hardware runs bf16 natively, fp32 elsewhere
 (--precision forces one).
 
-    python bench/serve.py [--threads N] [--repeat N] [--model PATH] [--precision auto|fp32|bf16]
+    python bench/serve.py [--threads N] [--repeat N] [--model PATH] [--stream-interval N]
+                          [--precision auto|fp32|bf16]
 """
 
 from __future__ import annotations
@@ -162,6 +163,12 @@ def main() -> None:
         default=1,
         help="rounds of the two 32-client phases; figures are their medians",
     )
+    parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=None,
+        help="the server's --stream-interval (tokens per write; default: the server's)",
+    )
     common.add_precision(parser)
     args = parser.parse_args()
     precision = common.resolve_precision(args.precision, "bench/serve.py")
@@ -176,6 +183,8 @@ def main() -> None:
         command += ["--port", str(port), "--bf16", str(precision == "bf16").lower()]
         if args.threads:
             command += ["--threads", str(args.threads)]
+        if args.stream_interval:
+            command += ["--stream-interval", str(args.stream_interval)]
         log = Path(tmp) / "serve.log"
         with log.open("w") as out:
             server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -189,7 +198,7 @@ def main() -> None:
     for name, value in figures.items():
         print(f"{name:36s} {value:10.3f}")
     result = {"bench": "serve", "model": args.model or "bench", "threads": args.threads}
-    result["repeat"] = args.repeat
+    result |= {"repeat": args.repeat, "stream_interval": args.stream_interval}
     common.print_result({**result, **figures}, precision)
 
 

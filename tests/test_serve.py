@@ -393,12 +393,14 @@ def stream_writes(engine, items: list[object]) -> list[list]:
         await asyncio.sleep(0)  # the deliveries scheduled before the thread's end have run
         return [w async for w in _events(queue, job, worker, {"id": "1"}, 1, False)]
 
-    def chunks(write: str) -> list:
-        events = [json.loads(e) for e in write.split("data: ")[1:] if e.strip() != "[DONE]"]
-        choices = [e["choices"][0] for e in events]
-        return [(c["index"], c["delta"].get("content"), c["finish_reason"]) for c in choices]
+    return [write_chunks(w) for w in asyncio.run(writes())]
 
-    return [chunks(w) for w in asyncio.run(writes())]
+
+def write_chunks(write: str) -> list[tuple]:
+    """The (sample, content, finish reason) of each chunk of one write of a stream."""
+    events = [json.loads(e) for e in write.split("data: ")[1:] if e.strip() != "[DONE]"]
+    choices = [c for e in events for c in e["choices"]]
+    return [(c["index"], c["delta"].get("content"), c["finish_reason"]) for c in choices]
 
 
 def completion(text: str, finish_reason: str) -> Completion:
@@ -417,3 +419,33 @@ def test_a_stream_that_falls_behind_gets_each_samples_new_text_in_one_chunk(engi
         [],  # [DONE]
     ]
     assert writes[:2] == [[(0, "", None)], [(1, "", None)]]  # the role chunks come first
+
+
+def test_a_stream_writes_every_stream_interval_tokens_and_at_once_at_first_and_last(engine):
+    async def writes() -> list[str]:
+        queue = asyncio.Queue()
+        job = Job([1], SamplingParams(max_new_tokens=8), stream=True, send=queue.put_nowait)
+        worker = GenerationWorker(ContinuousBatcher(engine, max_batch_size=4), 4, 1000)
+        events = _events(queue, job, worker, {"id": "1"}, 1, False, interval=3)
+        written = [await anext(events)]  # the role chunk
+
+        async def after(*items) -> str:
+            pending = asyncio.ensure_future(anext(events))
+            for item in items:
+                await asyncio.sleep(0.05)
+                assert not pending.done()  # nothing is due yet
+                queue.put_nowait(item)
+            return await asyncio.wait_for(pending, 10)
+
+        written.append(await after((0, "a")))  # the first token: at once
+        written.append(await after((0, " b"), (0, " c"), (0, " d")))  # three more
+        written.append(await after((0, " e"), (0, completion("a b c d e", "stop"))))  # the end
+        return written + [e async for e in events]
+
+    assert [write_chunks(w) for w in asyncio.run(writes())] == [
+        [(0, "", None)],
+        [(0, "a", None)],
+        [(0, " b c d", None)],
+        [(0, " e", None), (0, None, "stop")],
+        [],  # [DONE]
+    ]

@@ -673,6 +673,14 @@ def serve_cmd(
         int,
         typer.Option(min=1, help="Most prompt tokens of newcomers run between two decode steps."),
     ] = 512,
+    stream_interval: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Tokens a write to a stream carries (the first token and the end go at once): "
+            "fewer, larger writes save the server's time at many streams; 1 writes every token.",
+        ),
+    ] = 2,
     threads: ThreadsOpt = None,
     bf16: Bf16Opt = "auto",
 ) -> None:
@@ -694,6 +702,7 @@ def serve_cmd(
         max_batch_size=max_batch_size,
         max_batch_tokens=max_batch_tokens,
         prefill_chunk=prefill_chunk,
+        stream_interval=stream_interval,
     )
     engine = _load_engine(model, threads, bf16)
     url = f"http://{host}:{port}"

@@ -71,6 +71,7 @@ class ServeSettings:
     max_batch_size: int = 64  # generations decoded together; more wait
     max_batch_tokens: int = 65_536  # cache slots of those: rows times the longest row
     prefill_chunk: int = 512  # prompt tokens run between two decode steps
+    stream_interval: int = 2  # tokens a stream's write carries (the first and last go at once)
 
 
 class APIError(Exception):
@@ -441,7 +442,9 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         if chat.stream:
             include_usage = chat.stream_options is not None and chat.stream_options.include_usage
             return StreamingResponse(
-                _events(queue, job, worker, head, len(prompt), include_usage),
+                _events(
+                    queue, job, worker, head, len(prompt), include_usage, settings.stream_interval
+                ),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -494,41 +497,53 @@ async def _events(
     head: dict[str, Any],
     prompt_tokens: int,
     include_usage: bool,
+    interval: int = 1,
 ) -> AsyncIterator[str]:
     """Server-sent events of the samples of ``job``, as OpenAI sends them; a client that goes
-    away cancels the job."""
+    away cancels the job. A write goes out once ``interval`` tokens have come (vLLM's
+    ``--stream-interval``), at the first token and when a sample finishes; each sample's text
+    since the last write in one chunk. A write per token per stream costs the event loop, and
+    so the decode thread that shares the GIL with it, a fifth of its throughput at 32 streams
+    (bench/serve.py); two tokens a write halve that, and cost a reader nothing it can see."""
     head = {**head, "object": "chat.completion.chunk"}
 
     def chunk(index: int, delta: dict[str, str], finish_reason: str | None = None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return _sse({**head, "choices": [choice]})
 
+    def text_chunks() -> list[str]:
+        events = [chunk(i, {"content": text}) for i, text in texts.items()]
+        texts.clear()
+        return events
+
     try:
         for i in range(job.params.n):
             yield chunk(i, {"role": "assistant", "content": ""})
         completions: list[Completion] = []
+        texts: dict[int, str] = {}  # sample index -> its text not yet written
+        waiting, written = 0, False  # tokens since the last write; any text written yet
         while len(completions) < job.params.n:
-            # What has arrived goes out in one write, each sample's new text in one chunk:
-            # fewer sends and events, for server and client, when the loop falls behind.
             items = [await _next(queue, worker)]
             while not queue.empty():
                 items.append(queue.get_nowait())
-            events, texts = [], {}  # texts: sample index -> text not yet in an event
+            events = []
             for item in items:
                 if isinstance(item, BaseException):
-                    events += [chunk(i, {"content": text}) for i, text in texts.items()]
-                    yield "".join(events) + _sse(_failure(item).body())
+                    yield "".join(events + text_chunks()) + _sse(_failure(item).body())
                     return
                 index, value = item
                 if isinstance(value, str):
                     texts[index] = texts.get(index, "") + value
+                    waiting += 1
                     continue
                 if index in texts:
                     events.append(chunk(index, {"content": texts.pop(index)}))
                 completions.append(value)
                 events.append(chunk(index, {}, value.finish_reason))
-            events += [chunk(i, {"content": text}) for i, text in texts.items()]
-            yield "".join(events)
+            if events or waiting >= interval or (texts and not written):
+                written = written or bool(texts) or bool(events)
+                waiting = 0
+                yield "".join(events + text_chunks())
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, completions)})
         yield _sse("[DONE]")
