@@ -14,18 +14,19 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import smollm2_gguf
+from conftest import smollm2_gguf, write_prompts
 from servers import SERVE_KEY, chat_server
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from chatrl.chat_format import IGNORE_INDEX, Row, encode_conversation, encode_prompt
-from chatrl.config import LMConfig, RMConfig
+from chatrl.config import LMConfig, PPOConfig, RMConfig
 from chatrl.data import write_jsonl
 from chatrl.engine import Engine, SamplingParams
 from chatrl.errors import UserError
 from chatrl.models import load_causal_lm, load_reward_model, resolve_model
 from chatrl.reward_model import RewardScorer
 from chatrl.train.lm import CausalLMLoss, build_rows, collate, train_lm
+from chatrl.train.ppo import train_ppo
 from chatrl.train.reward import train_reward
 from chatrl.world import sft_conversations
 
@@ -207,6 +208,34 @@ def test_a_lora_reward_model_on_the_smollm2_backbone_trains_and_scores(smollm2, 
     )
     assert scores.shape == (4,) and torch.isfinite(scores).all()
     assert scores[:2].mean() > scores[2:].mean()
+
+
+def test_lora_ppo_starts_at_the_reference_with_ratio_one_and_runs_two_updates(smollm2, tmp_path):
+    """The reference is the policy with its adapters off, and LoRA's B starts at zero: the
+    first rollout's KL is 0 and the first mini-batch's ratio (engine log-probs against the
+    packed training forward, two responses a prompt) is 1."""
+    cfg = PPOConfig(
+        policy=str(smollm2),
+        reward_fn="reward_fns:says_is",
+        prompts=str(write_prompts(tmp_path / "prompts.jsonl", 8)),
+        out=str(tmp_path / "ppo"),
+        use_peft=True,
+        value_head=True,
+        rollout_batch_size=4,
+        samples_per_prompt=2,
+        num_ppo_epochs=1,
+        num_mini_batches=1,
+        response_length=8,
+        max_steps=2,
+        learning_rate=1e-3,
+        bf16=False,
+    )
+    out = train_ppo(cfg)
+    log = [r for r in metrics_of(out) if "ratio" in r]
+    assert [r["step"] for r in log] == [1, 2]
+    assert abs(log[0]["kl"]) < 1e-3 and abs(log[0]["ratio"] - 1) < 1e-4
+    assert log[1]["kl"] != 0  # the first update moved the policy
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 30
 
 
 def test_serve_answers_paris_through_the_openai_client_streaming(smollm2, tmp_path):
