@@ -18,6 +18,13 @@ log-probs and values) / train.
     python bench/ppo.py                    # prints a table, then one JSON line
     python bench/ppo.py --threads 1        # one torch thread per side: CPU times comparable
     python bench/ppo.py --precision fp32   # without chatrl's bf16 run
+    python bench/ppo.py --model SmolLM2-135M-Instruct.Q4_1.gguf --updates 4 --threads 1
+
+``--model PATH`` (a directory or .gguf file) puts a real model in the bench model's place: the
+policy is that model with LoRA on both sides (chatrl's defaults: rank 16, alpha 32, every
+linear layer; the reference is the policy with its adapters off), the reward and value models
+its backbone with a one-output head, fully trained as before. ``--updates N`` runs N updates
+(default 16).
 """
 
 from __future__ import annotations
@@ -38,15 +45,14 @@ PROMPTS, BATCH, RESPONSE, LEARNING_RATE, KL_COEF = 256, 16, 32, 3e-6, 0.05
 PHASES = ["generate", "score", "forward", "train"]
 
 
-def prepare(work: Path) -> None:
-    """The policy and reward-model directories and the prompts, under ``work``."""
+def prepare(work: Path, model_path: str | None = None) -> None:
+    """The policy (the bench model, or ``model_path``'s) and reward-model directories and the
+    prompts, under ``work``."""
     from chatrl.data import write_jsonl
     from chatrl.models import load_reward_model, save_model
 
-    tokenizer = common.bench_tokenizer()
-    model = common.bench_model(tokenizer)
-    model.save_pretrained(work / "policy")
-    tokenizer.save_pretrained(work / "policy")
+    model, tokenizer = common.load_bench_model(model_path)
+    save_model(model, tokenizer, work / "policy")
     reward, reward_tokenizer = load_reward_model(work / "policy")
     save_model(reward, reward_tokenizer, work / "reward")
     rng = random.Random(0)
@@ -66,7 +72,7 @@ def prompt_ids(work: Path) -> list[list[int]]:
     return [encode_prompt(tokenizer, p.messages) for p in load_prompts(work / "prompts.jsonl")]
 
 
-def run_chatrl(work: Path, bf16: bool) -> dict:
+def run_chatrl(work: Path, bf16: bool, lora: bool, updates: int) -> dict:
     from chatrl.config import PPOConfig
     from chatrl.train.ppo import train_ppo
 
@@ -84,6 +90,8 @@ def run_chatrl(work: Path, bf16: bool) -> dict:
         kl_coef=KL_COEF,
         learning_rate=LEARNING_RATE,
         value_learning_rate=LEARNING_RATE,
+        use_peft=lora,
+        max_steps=updates,
         bf16=bf16,
     )
     stamps: list[tuple[float, float]] = []
@@ -103,8 +111,9 @@ def run_chatrl(work: Path, bf16: bool) -> dict:
     }
 
 
-def run_trl(work: Path) -> dict:
+def run_trl(work: Path, lora: bool, updates: int) -> dict:
     from datasets import Dataset
+    from peft import LoraConfig
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
@@ -122,7 +131,7 @@ def run_trl(work: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(work / "policy", padding_side="left")
     ids = prompt_ids(work)
     policy = AutoModelForCausalLM.from_pretrained(work / "policy")
-    reference = AutoModelForCausalLM.from_pretrained(work / "policy")
+    reference = None if lora else AutoModelForCausalLM.from_pretrained(work / "policy")
     reward = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1)
     value = AutoModelForSequenceClassification.from_pretrained(work / "reward", num_labels=1)
     args = PPOConfig(
@@ -133,7 +142,7 @@ def run_trl(work: Path) -> dict:
         num_mini_batches=1,
         response_length=RESPONSE,
         temperature=1.0,
-        total_episodes=PROMPTS,
+        total_episodes=updates * BATCH,
         local_rollout_forward_batch_size=BATCH,
         kl_coef=KL_COEF,
         learning_rate=LEARNING_RATE,
@@ -152,6 +161,7 @@ def run_trl(work: Path) -> dict:
         ref_model=reference,
         reward_model=reward,
         value_model=value,
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear") if lora else None,
         train_dataset=Dataset.from_dict({"input_ids": ids}),
         eval_dataset=Dataset.from_dict({"input_ids": ids[:BATCH]}),
         callbacks=[Clock()],
@@ -173,8 +183,11 @@ def side(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    work = Path(args.work)
-    result = run_trl(work) if args.side == "trl" else run_chatrl(work, args.side == "chatrl-bf16")
+    work, lora = Path(args.work), bool(args.model)
+    if args.side == "trl":
+        result = run_trl(work, lora, args.updates)
+    else:
+        result = run_chatrl(work, args.side == "chatrl-bf16", lora, args.updates)
     print(json.dumps(result))
 
 
@@ -183,6 +196,8 @@ def main() -> None:
     parser.add_argument("--side", choices=["trl", "chatrl", "chatrl-bf16"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    parser.add_argument("--model", help="a model directory or .gguf file (LoRA policy)")
+    parser.add_argument("--updates", type=int, default=16, help="updates per side (default 16)")
     common.add_precision(parser)
     args = parser.parse_args()
     if args.side:
@@ -193,12 +208,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        prepare(work)
+        prepare(work, args.model)
         lengths = [len(p) for p in prompt_ids(work)]
         results = {}
         for name in names:
             cmd = [sys.executable, __file__, "--side", name, "--work", str(work)]
-            cmd += ["--threads", str(args.threads)]
+            cmd += ["--threads", str(args.threads), "--updates", str(args.updates)]
+            cmd += ["--model", args.model] if args.model else []
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -208,7 +224,8 @@ def main() -> None:
     speed = {name: m[0] for name, m in measured.items()}
     cpu = {name: m[1] for name, m in measured.items()}
     print(
-        f"PPO: {PROMPTS} prompts (mean {sum(lengths) / len(lengths):.1f} tokens), batch {BATCH}, "
+        f"PPO on {args.model or 'the bench model'}{' (LoRA)' if args.model else ''}: "
+        f"{PROMPTS} prompts (mean {sum(lengths) / len(lengths):.1f} tokens), batch {BATCH}, "
         f"responses up to {RESPONSE} tokens, 1 PPO epoch x 1 mini-batch, "
         f"{len(results['trl']['stamps'])} updates, torch threads: {args.threads or 'default'}"
     )
@@ -225,6 +242,7 @@ def main() -> None:
         print(f"  {name} per update: {parts}")
     summary = {
         "bench": "ppo",
+        "model": args.model or "bench",
         "threads": args.threads or None,
         "trl_samples_per_s": round(speed["trl"], 2),
         "cpu_s_per_update": {k: round(v, 3) for k, v in cpu.items()},

@@ -364,8 +364,18 @@ def test_peft_models_and_in_place_weight_updates_are_seen(micro_model):
     engine = no_stops(peft_model, tokenizer)
     assert [c.token_ids for c in engine.generate(prompts, params)] == base  # LoRA B starts at 0
     with torch.no_grad():
+        for name, weight in peft_model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.5)  # the adapters now change every answer
+    assert engine.fused_weights() is not None  # LoRA folded into the fused decode step
+    with_lora = [c.token_ids for c in engine.generate(prompts, params)]
+    assert with_lora != base
+    assert with_lora == hf_greedy(peft_model, prompts, engine.pad_token_id, 8)
+    with peft_model.disable_adapter():
+        assert [c.token_ids for c in engine.generate(prompts, params)] == base
+    with torch.no_grad():
         model.get_output_embeddings().weight.mul_(-1)
-    assert [c.token_ids for c in engine.generate(prompts, params)] != base
+    assert [c.token_ids for c in engine.generate(prompts, params)] != with_lora
 
 
 def test_fused_weights_are_reused_until_a_weight_changes(micro_model, monkeypatch):

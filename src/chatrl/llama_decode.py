@@ -35,15 +35,13 @@ class _Projection:
     transposed: bool
 
     @classmethod
-    def of(cls, *linears: torch.nn.Linear) -> _Projection:
-        """The linears' weights side by side (one product for several projections)."""
-        weight = torch.cat([lin.weight for lin in linears])
+    def of(cls, *linears: tuple[torch.Tensor, torch.Tensor | None]) -> _Projection:
+        """The (weight, bias) of linear layers side by side (one product for several)."""
+        weight = torch.cat([w for w, _ in linears])
         bias = None
-        if any(lin.bias is not None for lin in linears):
+        if any(b is not None for _, b in linears):
             zeros = weight.new_zeros
-            bias = torch.cat(
-                [zeros(len(lin.weight)) if lin.bias is None else lin.bias for lin in linears]
-            )
+            bias = torch.cat([zeros(len(w)) if b is None else b for w, b in linears])
         transposed = weight.dtype == torch.float32 and weight.device.type == "cpu"
         return cls(weight.t().contiguous() if transposed else weight, bias, transposed)
 
@@ -71,30 +69,51 @@ class _Fused:
     head: _Projection
 
 
+def applied_weight(layer) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The (weight, bias) a projection applies: a plain ``nn.Linear``'s, or a peft LoRA
+    layer's, its active adapters' scaled B·A added (``get_delta_weight``), which is what its
+    forward computes, in one matrix. None for anything else (quantised layers, LoRA variants
+    such as DoRA, adapters with a bias): those decode unfused, through their own forward."""
+    if type(layer) is torch.nn.Linear:
+        return layer.weight, layer.bias
+    base = getattr(layer, "base_layer", None)
+    if type(base) is not torch.nn.Linear or not hasattr(layer, "get_delta_weight"):
+        return None
+    weight = base.weight
+    if layer.disable_adapters or layer.merged:  # merged: the base weight holds the delta
+        return weight, base.bias
+    for name in (n for n in layer.active_adapters if n in layer.lora_A):
+        if name in layer.lora_variant or layer.lora_B[name].bias is not None:
+            return None
+        weight = weight + layer.get_delta_weight(name)
+    return weight, base.bias
+
+
 @torch.inference_mode()
 def fuse(lm) -> _Fused | None:
     """The fused projections of a Llama-like model, built from its current weights (once per
-    batch: training between two calls changes them). None when a projection is not a plain
-    ``nn.Linear`` (LoRA adapters, quantised layers): those decode unfused."""
+    batch: training between two calls changes them), LoRA adapters folded in. None when a
+    projection's weight cannot be read as one matrix (``applied_weight``): that model decodes
+    unfused."""
     layers = []
     for layer in lm.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj)
-        if any(type(p) is not torch.nn.Linear for p in (*projections, mlp.up_proj, mlp.down_proj)):
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
+        linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        q, k, v, o, gate, up, down = weights = [applied_weight(lin) for lin in linears]
+        if any(w is None for w in weights):
             return None
-        sizes = [len(attn.q_proj.weight), len(attn.k_proj.weight), len(attn.v_proj.weight)]
         layers.append(
             _FusedLayer(
-                qkv=_Projection.of(attn.q_proj, attn.k_proj, attn.v_proj),
-                qkv_sizes=sizes,
-                o=_Projection.of(attn.o_proj),
-                gate_up=_Projection.of(mlp.gate_proj, mlp.up_proj),
-                down=_Projection.of(mlp.down_proj),
+                qkv=_Projection.of(q, k, v),
+                qkv_sizes=[len(q[0]), len(k[0]), len(v[0])],
+                o=_Projection.of(o),
+                gate_up=_Projection.of(gate, up),
+                down=_Projection.of(down),
             )
         )
-    if type(lm.lm_head) is not torch.nn.Linear:
-        return None
-    return _Fused(layers, _Projection.of(lm.lm_head))
+    head = applied_weight(lm.lm_head)
+    return None if head is None else _Fused(layers, _Projection.of(head))
 
 
 def _sdpa_attend(q, keys, values, mask, scale) -> torch.Tensor:
