@@ -642,7 +642,8 @@ def run_sweep(
             done = finished(study.get_trials(deepcopy=False))
             bar.update(task, completed=len(done), info=_best_info(study, space))
             time.sleep(1.0)
-        bar.update(task, completed=len(finished(study.get_trials(deepcopy=False))))
+        done = finished(study.get_trials(deepcopy=False))
+        bar.update(task, completed=len(done), info=_best_info(study, space))  # the last trial's
     if errors:
         raise errors[0]
     summary = summarise(sweep, study)
