@@ -391,7 +391,7 @@ def stream_writes(engine, items: list[object]) -> list[list]:
 
         await asyncio.to_thread(lambda: [send(item) for item in items])
         await asyncio.sleep(0)  # the deliveries scheduled before the thread's end have run
-        return [w async for w in _events(queue, job, worker, {"id": "1"}, 1, False)]
+        return [w async for w in _events(queue, job, worker, {"id": "1"}, 1, False, 1)]
 
     return [write_chunks(w) for w in asyncio.run(writes())]
 

@@ -497,7 +497,7 @@ async def _events(
     head: dict[str, Any],
     prompt_tokens: int,
     include_usage: bool,
-    interval: int = 1,
+    interval: int,
 ) -> AsyncIterator[str]:
     """Server-sent events of the samples of ``job``, as OpenAI sends them; a client that goes
     away cancels the job. A write goes out once ``interval`` tokens have come (vLLM's
@@ -521,7 +521,7 @@ async def _events(
             yield chunk(i, {"role": "assistant", "content": ""})
         completions: list[Completion] = []
         texts: dict[int, str] = {}  # sample index -> its text not yet written
-        waiting, written = 0, False  # tokens since the last write; any text written yet
+        waiting = interval - 1  # tokens since the last write: the first one is due at once
         while len(completions) < job.params.n:
             items = [await _next(queue, worker)]
             while not queue.empty():
@@ -540,8 +540,7 @@ async def _events(
                     events.append(chunk(index, {"content": texts.pop(index)}))
                 completions.append(value)
                 events.append(chunk(index, {}, value.finish_reason))
-            if events or waiting >= interval or (texts and not written):
-                written = written or bool(texts) or bool(events)
+            if events or waiting >= interval:
                 waiting = 0
                 yield "".join(events + text_chunks())
         if include_usage:
