@@ -113,7 +113,6 @@ def run_chatrl(work: Path, bf16: bool, lora: bool, updates: int) -> dict:
 
 def run_trl(work: Path, lora: bool, updates: int) -> dict:
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
@@ -161,13 +160,23 @@ def run_trl(work: Path, lora: bool, updates: int) -> dict:
         ref_model=reference,
         reward_model=reward,
         value_model=value,
-        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear") if lora else None,
+        peft_config=chatrl_lora() if lora else None,
         train_dataset=Dataset.from_dict({"input_ids": ids}),
         eval_dataset=Dataset.from_dict({"input_ids": ids[:BATCH]}),
         callbacks=[Clock()],
     )
     trainer.train()
     return {"stamps": stamps}
+
+
+def chatrl_lora():
+    """TRL's LoRA settings: chatrl's defaults (``train.loop.add_lora``)."""
+    from peft import LoraConfig
+
+    from chatrl.config import PPOConfig
+
+    defaults = {name: PPOConfig.model_fields[f"lora_{name}"].default for name in ("r", "alpha")}
+    return LoraConfig(r=defaults["r"], lora_alpha=defaults["alpha"], target_modules="all-linear")
 
 
 def rates(stamps: list[tuple[float, float]]) -> tuple[float, float]:
