@@ -95,6 +95,27 @@ def run_chatrl(model: Path, data: Path, out: Path, packing: bool, bf16: bool, ar
     return train_seconds
 
 
+# A ChatML turn as templates without assistant markers write it (SmolLM2's among them), and the
+# same turn with TRL's ``{% generation %}`` markers around an assistant's text, <|im_end|> and
+# newline: what chatrl's mask covers in that template, so both sides train on the same tokens.
+CHATML_TURN = "'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'"
+MARKED_TURN = (
+    "'<|im_start|>' + message['role'] + '\n'}}{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>\n' }}{% endgeneration %}{% else %}"
+    "{{ message['content'] + '<|im_end|>\n' }}{% endif %}{{''"
+)
+
+
+def trl_template(template: str) -> str:
+    """``template`` with the markers TRL's assistant-only loss needs (it refuses templates
+    without them and patches only a few it knows)."""
+    if "{% generation %}" in template:
+        return template
+    if CHATML_TURN not in template:
+        sys.exit("bench/sft.py: TRL needs {% generation %} markers in this model's chat template")
+    return template.replace(CHATML_TURN, MARKED_TURN)
+
+
 def run_trl(model_dir: Path, data: Path, out: Path, checkpointing: bool, bf16: bool, args) -> float:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -110,6 +131,7 @@ def run_trl(model_dir: Path, data: Path, out: Path, checkpointing: bool, bf16: b
             Clock.end = time.perf_counter()
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = trl_template(tokenizer.chat_template)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     config = SFTConfig(
         output_dir=str(out),
