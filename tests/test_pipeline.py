@@ -282,3 +282,22 @@ def test_app_mode_waits_for_people_with_instructions(tmp_path, monkeypatch):
     assert result.returncode == 3, result.stderr[-2000:]
     assert "chatrl label serve --db sqlite:///" in result.stderr
     assert "0 of 24 rankings" in result.stderr
+
+
+SMOLLM2 = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.parametrize(
+    "name, stages, model_path",
+    [
+        ("compare.toml", ("ppo", "dpo", "rloo", "grpo"), None),  # the demo's model, pretrained
+        ("smollm2.toml", ("ppo",), SMOLLM2),  # the pretrained model, named by the environment
+    ],
+)
+def test_the_configs_in_the_repo_load_with_their_stages(name, stages, model_path, monkeypatch):
+    from chatrl.pipeline import load_run_config, run_stages
+
+    monkeypatch.setenv("SMOLLM2_GGUF", SMOLLM2)
+    cfg = load_run_config(Path(__file__).parents[1] / "configs" / name)
+    assert run_stages(cfg) == ("model", "sft", "sample", "label", "rm", *stages, "eval")
+    assert cfg.model.path == model_path
