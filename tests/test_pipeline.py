@@ -301,3 +301,22 @@ def test_the_configs_in_the_repo_load_with_their_stages(name, stages, model_path
     cfg = load_run_config(Path(__file__).parents[1] / "configs" / name)
     assert run_stages(cfg) == ("model", "sft", "sample", "label", "rm", *stages, "eval")
     assert cfg.model.path == model_path
+
+
+@pytest.mark.parametrize("scale", ["gpu", "dry-run"])
+def test_the_gpu_scripts_configs_load_with_its_changes(scale, tmp_path):
+    """bench/gpu.py runs only where a GPU is lent; its configs are checked here, so that a
+    renamed setting shows before that."""
+    import importlib.util
+
+    from chatrl.pipeline import load_run_config
+
+    spec = importlib.util.spec_from_file_location("gpu", Path(__file__).parents[1] / "bench/gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    gpu.write_config(tmp_path / "run.toml", Path(SMOLLM2), scale)
+    cfg = load_run_config(tmp_path / "run.toml")
+    assert cfg.model.path == SMOLLM2
+    for section, changes in gpu.SCALES[scale].items():
+        settings = getattr(cfg, section).model_dump()
+        assert {k: settings[k] for k in changes} == changes
