@@ -1,8 +1,9 @@
 """SFT tokens/s: chatrl's trainer vs TRL 1.12's SFTTrainer, same model, data, batch, precision.
 
-Both sides train the same model on the same conversations of ~36 tokens, assistant-only loss,
-one after the other in child processes of this one, in one precision: by default bf16
-autocast where the hardware runs bf16 natively, fp32 elsewhere (--precision forces one).
+Both sides train the same model on the same conversations of ~36 tokens, assistant-only loss
+(TRL on the rows chatrl tokenises, so on the same tokens), one after the other in child
+processes of this one, in one precision: by default bf16 autocast where the hardware runs bf16
+natively, fp32 elsewhere (--precision forces one).
 tokens/s = real (non-padding) tokens of the rows, prompts included, / training time: the
 tokens every forward pass reads, as chatrl's progress bar counts them. Also reported: TRL
 without gradient checkpointing (its default turns it on), chatrl with packing (its best
@@ -95,31 +96,13 @@ def run_chatrl(model: Path, data: Path, out: Path, packing: bool, bf16: bool, ar
     return train_seconds
 
 
-# A ChatML turn as templates without assistant markers write it (SmolLM2's among them), and the
-# same turn with TRL's ``{% generation %}`` markers around an assistant's text, <|im_end|> and
-# newline: what chatrl's mask covers in that template, so both sides train on the same tokens.
-CHATML_TURN = "'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'"
-MARKED_TURN = (
-    "'<|im_start|>' + message['role'] + '\n'}}{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] + '<|im_end|>\n' }}{% endgeneration %}{% else %}"
-    "{{ message['content'] + '<|im_end|>\n' }}{% endif %}{{''"
-)
-
-
-def trl_template(template: str) -> str:
-    """``template`` with the markers TRL's assistant-only loss needs (it refuses templates
-    without them and patches only a few it knows)."""
-    if "{% generation %}" in template:
-        return template
-    if CHATML_TURN not in template:
-        sys.exit("bench/sft.py: TRL needs {% generation %} markers in this model's chat template")
-    return template.replace(CHATML_TURN, MARKED_TURN)
-
-
 def run_trl(model_dir: Path, data: Path, out: Path, checkpointing: bool, bf16: bool, args) -> float:
-    from datasets import load_dataset
+    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    from chatrl.chat_format import encode_conversation
+    from chatrl.data import read_jsonl
 
     class Clock(TrainerCallback):
         start = end = 0.0
@@ -131,7 +114,6 @@ def run_trl(model_dir: Path, data: Path, out: Path, checkpointing: bool, bf16: b
             Clock.end = time.perf_counter()
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.chat_template = trl_template(tokenizer.chat_template)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     config = SFTConfig(
         output_dir=str(out),
@@ -140,7 +122,6 @@ def run_trl(model_dir: Path, data: Path, out: Path, checkpointing: bool, bf16: b
         bf16=bf16,
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=checkpointing,
-        assistant_only_loss=True,
         max_length=1024,
         learning_rate=2e-5,
         report_to="none",
@@ -148,7 +129,11 @@ def run_trl(model_dir: Path, data: Path, out: Path, checkpointing: bool, bf16: b
         logging_steps=10**9,
         dataloader_num_workers=0,
     )
-    dataset = load_dataset("json", data_files=str(data), split="train")
+    # chatrl's tokenised rows, labels on assistant tokens only: TRL trains on exactly the tokens
+    # chatrl does, whatever the template (its own assistant_only_loss needs {% generation %}
+    # markers, which SmolLM2's template lacks). Tokenising is outside both sides' clocks.
+    rows = [encode_conversation(tokenizer, r["messages"], 1024) for _, r in read_jsonl(data)]
+    dataset = Dataset.from_list([{"input_ids": r.input_ids, "labels": r.labels} for r in rows])
     peft_config = None
     if args.lora:
         from peft import LoraConfig
