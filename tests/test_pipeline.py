@@ -62,13 +62,17 @@ def finished_run(tmp_path_factory) -> Path:
 
 
 def kill_once_written(cmd: list[str], path: Path) -> None:
-    """Start ``cmd`` and SIGKILL it as soon as ``path`` exists."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Start ``cmd`` and SIGKILL it, with every process it started, as soon as ``path`` exists
+    (a sweep's trial runs in a child, which would otherwise work on for up to half a second:
+    long enough to finish a tiny stage)."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     while not path.exists():
         assert proc.poll() is None and time.time() < deadline, f"{path} was never written"
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
